@@ -1,0 +1,1 @@
+"""Training-box side: collects device traces."""

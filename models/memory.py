@@ -1,0 +1,67 @@
+"""Memory estimates: will a model fit before we try to load it?"""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel
+
+from slm_agent.errors import InsufficientMemoryError
+from slm_agent.models.manifest import ModelManifest
+
+# llama.cpp's compute buffers and scratch: measured ~60-90 MB for gemma-3-270m at n_ctx 4096.
+_COMPUTE_OVERHEAD = 96 * 1024 * 1024
+_KV_BYTES_PER_ELEMENT = 2  # f16 cache
+
+
+class MemoryEstimate(BaseModel):
+    weights_bytes: int
+    kv_cache_bytes: int
+    overhead_bytes: int
+    n_ctx: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes + self.overhead_bytes
+
+
+def estimate(manifest: ModelManifest, n_ctx: int) -> MemoryEstimate:
+    """Weights (the file, memory-mapped) + KV cache at ``n_ctx`` + compute buffers."""
+    info = manifest.info
+    kv = 0
+    if info and info.block_count and info.head_count_kv:
+        key_len = info.key_length or (info.embedding_length or 0) // max(info.head_count or 1, 1)
+        value_len = info.value_length or key_len
+        kv = info.block_count * n_ctx * info.head_count_kv * (key_len + value_len) * _KV_BYTES_PER_ELEMENT
+    overhead = _COMPUTE_OVERHEAD if manifest.kind == "base" else 0
+    return MemoryEstimate(weights_bytes=manifest.size, kv_cache_bytes=kv, overhead_bytes=overhead, n_ctx=n_ctx)
+
+
+def available_bytes() -> int:
+    """Memory the OS can give us now (MemAvailable), falling back to free physical pages."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def ensure_fits(needed: int, what: str, limit_bytes: int | None = None) -> None:
+    """Refuse a load that needs more than the configured limit or than the OS has available."""
+    budget = min(available_bytes(), limit_bytes) if limit_bytes else available_bytes()
+    if needed > budget:
+        raise InsufficientMemoryError(
+            f"{what} needs about {needed / 2**20:.0f} MiB but only {budget / 2**20:.0f} MiB is available; "
+            "lower n_ctx, pick a smaller quantization, or raise max_memory_mb"
+        )
+
+
+def human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)

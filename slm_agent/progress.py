@@ -1,0 +1,39 @@
+"""Progress reporting: library code takes a callback, the CLI and daemon draw it with rich."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+ProgressFn = Callable[[int, int], None]
+"""Called with (done, total) units of work."""
+
+
+@contextmanager
+def rich_progress(description: str) -> Iterator[ProgressFn]:
+    """A transient rich progress bar on stderr (silent when stderr is not a terminal)."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        disable=not sys.stderr.isatty(),
+    )
+    task_id = progress.add_task(description, total=None)
+
+    def update(done: int, total: int) -> None:
+        progress.update(task_id, completed=done, total=total)
+
+    with progress:
+        yield update
