@@ -1,7 +1,9 @@
-"""Read and check GGUF headers with the ``gguf`` package, without loading weights."""
+"""Read and check GGUF headers without loading weights: metadata, tensor table, completeness."""
 
 from __future__ import annotations
 
+import mmap
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,75 +14,156 @@ from slm_agent.models.manifest import GGUFInfo
 GGUF_MAGIC = b"GGUF"
 
 
-@dataclass(frozen=True)
-class TensorShape:
-    name: str
-    shape: tuple[int, ...]  # GGUF order: ne[0] (input dim) first
+# GGUF value types -> struct format (8 = string, 9 = array are handled apart).
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+_STRING, _ARRAY = 8, 9
+# Arrays longer than this (the tokenizer's 262k-entry vocab) are skipped, not decoded: nothing here needs them.
+_MAX_DECODED_ARRAY = 64
 
 
-def _reader(path: Path) -> Any:
-    import gguf  # imported lazily: numpy + gguf cost ~100 ms that the daemon's fast path does not need
+@dataclass
+class GGUFHeader:
+    fields: dict[str, Any]
+    tensors: dict[str, tuple[tuple[int, ...], int, int]]  # name -> (shape in GGUF order, ggml type, offset)
+    data_start: int
 
+
+class _Cursor:
+    def __init__(self, buf: mmap.mmap, path: Path) -> None:
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def take(self, fmt: str) -> Any:
+        try:
+            (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        except struct.error as exc:
+            raise ModelStoreError(f"{self.path} is truncated inside its GGUF header") from exc
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        n = self.take("<Q")
+        if self.pos + n > len(self.buf):
+            raise ModelStoreError(f"{self.path} is truncated inside its GGUF header")
+        raw = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return raw.decode("utf-8", errors="replace")
+
+    def value(self, vtype: int) -> Any:
+        if vtype in _SCALARS:
+            return self.take(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            etype, count = self.take("<I"), self.take("<Q")
+            if count <= _MAX_DECODED_ARRAY:
+                return [self.value(etype) for _ in range(count)]
+            if etype in _SCALARS:
+                self.pos += count * struct.calcsize(_SCALARS[etype])
+            else:
+                for _ in range(count):
+                    self.value(etype)
+            return None
+        raise ModelStoreError(f"{self.path} has an unknown GGUF value type {vtype}: corrupt header")
+
+
+def read_header(path: Path) -> GGUFHeader:
+    """Parse a GGUF header (fields and tensor table) without the weights, in milliseconds.
+
+    The ``gguf`` package's reader decodes every tokenizer entry (seconds for a 262k vocab);
+    this parser skips what it does not need.
+    """
+    path = Path(path)
     with path.open("rb") as fh:
-        magic = fh.read(4)
-    if magic != GGUF_MAGIC:
-        raise ModelStoreError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
-    try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as exc:  # the gguf package raises ValueError, IndexError, struct errors...
-        raise ModelStoreError(f"{path} is not a readable GGUF file (truncated or corrupt header): {exc}") from exc
+        if fh.read(4) != GGUF_MAGIC:
+            raise ModelStoreError(f"{path} is not a GGUF file (it does not start with b'GGUF')")
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            cur = _Cursor(buf, path)
+            cur.pos = 4
+            version = cur.take("<I")
+            if version not in (2, 3):
+                raise ModelStoreError(
+                    f"{path} is GGUF version {version}; only versions 2 and 3 are supported"
+                )
+            n_tensors, n_fields = cur.take("<Q"), cur.take("<Q")
+            fields = {}
+            for _ in range(n_fields):
+                key = cur.string()
+                fields[key] = cur.value(cur.take("<I"))
+            tensors = {}
+            for _ in range(n_tensors):
+                name = cur.string()
+                dims = tuple(cur.take("<Q") for _ in range(cur.take("<I")))
+                tensors[name] = (dims, cur.take("<I"), cur.take("<Q"))
+            align = int(fields.get("general.alignment") or 32)
+            data_start = (cur.pos + align - 1) // align * align
+    header = GGUFHeader(fields=fields, tensors=tensors, data_start=data_start)
+    _check_complete(path, header)
+    return header
+
+
+def _check_complete(path: Path, header: GGUFHeader) -> None:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    end = header.data_start
+    for name, (dims, ggml_type, offset) in header.tensors.items():
+        try:
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+        except (ValueError, KeyError) as exc:
+            raise ModelStoreError(
+                f"{path}: tensor {name} has unknown type {ggml_type}: corrupt file"
+            ) from exc
+        n = 1
+        for d in dims:
+            n *= d
+        end = max(end, header.data_start + offset + n * type_size // block)
     size = path.stat().st_size
-    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
     if end > size:
         raise ModelStoreError(
-            f"{path} is truncated: its tensors need {end} bytes but the file has {size}; "
-            "download or copy it again"
+            f"{path} is truncated: its tensors need {end} bytes but the file has {size}; download or copy it again"
         )
-    return reader
-
-
-def _field(reader: Any, key: str) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
-        return None
-    try:
-        return field.contents()
-    except Exception:
-        return None
 
 
 def read_info(path: Path) -> GGUFInfo:
     """Return the header metadata of a GGUF file, refusing anything that is not a whole GGUF."""
-    import gguf
+    from gguf.constants import LlamaFileType
 
-    reader = _reader(path)
-    arch = _field(reader, "general.architecture")
+    header = read_header(path)
+    fields = header.fields
+    arch = fields.get("general.architecture")
     if not arch:
         raise ModelStoreError(f"{path} has no general.architecture: not a model or adapter GGUF")
-    file_type = _field(reader, "general.file_type")
+    file_type = fields.get("general.file_type")
     file_type_name = None
     if file_type is not None:
         try:
-            file_type_name = gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
+            file_type_name = LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
         except ValueError:
             file_type_name = str(file_type)
-    rank = None
-    for tensor in reader.tensors:
-        if tensor.name.endswith(".lora_a"):
-            rank = int(tensor.shape[1])
-            break
+    rank = next((dims[1] for name, (dims, _, _) in header.tensors.items() if name.endswith(".lora_a")), None)
 
     def arch_key(suffix: str) -> Any:
-        return _field(reader, f"{arch}.{suffix}")
+        return fields.get(f"{arch}.{suffix}")
 
     return GGUFInfo(
         architecture=str(arch),
         file_type=file_type_name,
-        tensor_count=len(reader.tensors),
+        tensor_count=len(header.tensors),
         context_length=arch_key("context_length"),
-        general_type=_field(reader, "general.type"),
-        name=_field(reader, "general.name"),
-        lora_alpha=_field(reader, "adapter.lora.alpha"),
+        general_type=fields.get("general.type"),
+        name=fields.get("general.name"),
+        lora_alpha=fields.get("adapter.lora.alpha"),
         lora_rank=rank,
         block_count=arch_key("block_count"),
         embedding_length=arch_key("embedding_length"),
@@ -92,8 +175,7 @@ def read_info(path: Path) -> GGUFInfo:
 
 
 def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    reader = _reader(path)
-    return {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}
+    return {name: dims for name, (dims, _, _) in read_header(path).tensors.items()}
 
 
 def is_adapter(info: GGUFInfo) -> bool:
@@ -125,7 +207,12 @@ def check_adapter_fits(adapter_path: Path, adapter: GGUFInfo, base_path: Path, b
             raise ModelStoreError(
                 f"adapter {adapter_path.name} targets tensor {target!r}, which the base model does not have"
             )
-        if len(w_shape) != 2 or a_shape[0] != w_shape[0] or b_shape[1] != w_shape[1] or a_shape[1] != b_shape[0]:
+        if (
+            len(w_shape) != 2
+            or a_shape[0] != w_shape[0]
+            or b_shape[1] != w_shape[1]
+            or a_shape[1] != b_shape[0]
+        ):
             raise ModelStoreError(
                 f"adapter {adapter_path.name}: {target} lora_a {list(a_shape)} / lora_b {list(b_shape)} "
                 f"do not fit the base tensor {list(w_shape)}"

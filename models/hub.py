@@ -23,7 +23,9 @@ def download(spec: str, cache_dir: Path | None = None) -> tuple[Path, str]:
     try:
         if not filename:
             if _offline():
-                raise OfflineError(f"HF_HUB_OFFLINE is set: cannot list {repo}; name the file as {repo}:FILE.gguf")
+                raise OfflineError(
+                    f"HF_HUB_OFFLINE is set: cannot list {repo}; name the file as {repo}:FILE.gguf"
+                )
             ggufs = [f for f in HfApi().list_repo_files(repo) if f.endswith(".gguf")]
             if len(ggufs) != 1:
                 raise ModelStoreError(

@@ -34,7 +34,9 @@ def estimate(manifest: ModelManifest, n_ctx: int) -> MemoryEstimate:
         value_len = info.value_length or key_len
         kv = info.block_count * n_ctx * info.head_count_kv * (key_len + value_len) * _KV_BYTES_PER_ELEMENT
     overhead = _COMPUTE_OVERHEAD if manifest.kind == "base" else 0
-    return MemoryEstimate(weights_bytes=manifest.size, kv_cache_bytes=kv, overhead_bytes=overhead, n_ctx=n_ctx)
+    return MemoryEstimate(
+        weights_bytes=manifest.size, kv_cache_bytes=kv, overhead_bytes=overhead, n_ctx=n_ctx
+    )
 
 
 def available_bytes() -> int:

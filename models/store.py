@@ -78,7 +78,9 @@ class ModelStore:
         info = read_info(source)
         name = name or source.name.removesuffix(".gguf")
         if self.has(name):
-            raise ConflictError(f"a model named {name!r} is already in the store; remove it first or pick --name")
+            raise ConflictError(
+                f"a model named {name!r} is already in the store; remove it first or pick --name"
+            )
         kind = ModelKind.lora_adapter if is_adapter(info) else ModelKind.base
         base_manifest = None
         if kind is ModelKind.lora_adapter:
@@ -86,7 +88,9 @@ class ModelStore:
             check_adapter_fits(source, info, self.path_of(base_manifest), base_manifest.info or info)
         digest = sha256_file(source, on_progress)
         if expected_sha256 and digest != expected_sha256:
-            raise ModelStoreError(f"{source} has sha256 {digest}, expected {expected_sha256}: the file is corrupt")
+            raise ModelStoreError(
+                f"{source} has sha256 {digest}, expected {expected_sha256}: the file is corrupt"
+            )
         folder = self.root / name
         tmp_folder = self.root / f".{name}.partial"
         shutil.rmtree(tmp_folder, ignore_errors=True)

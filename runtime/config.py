@@ -17,6 +17,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from slm_agent import locations
 from slm_agent.models.bundled import BUNDLED_NAME
+from slm_agent.runtime.remote import RemoteSettings
+from slm_agent.runtime.sync import SyncSettings
 
 ENV_PREFIX = "SLM_AGENT_"
 
@@ -59,6 +61,16 @@ class Settings(BaseSettings):
     store_dir: Path = Field(default_factory=locations.default_store_dir, description="Model store folder.")
     db_path: Path = Field(default_factory=locations.default_db_path, description="SQLite trace database.")
     tasks_dir: Path = Field(default_factory=locations.tasks_dir, description="Folder of task TOML files.")
+
+    # -- remote ------------------------------------------------------------------------------------
+    remote: RemoteSettings = Field(
+        default_factory=RemoteSettings, description="Remote LLM providers and escalation budgets."
+    )
+
+    # -- sync --------------------------------------------------------------------------------------
+    sync: SyncSettings = Field(
+        default_factory=SyncSettings, description="Shipping traces to a collector and pulling adapters back."
+    )
 
     @model_validator(mode="after")
     def _token_beyond_loopback(self) -> Settings:

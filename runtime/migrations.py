@@ -146,3 +146,30 @@ def m001_initial(db: sqlite_utils.Database) -> None:
         """
     )
     db.execute("CREATE INDEX idx_spans_run ON spans (run_id, seq)")
+
+
+@migration
+def m002_sync_state(db: sqlite_utils.Database) -> None:
+    # The ids live in the trace database itself: (store_id, seq) names a trace for ever, so a
+    # fresh database can never be mistaken for one the collector has already seen.
+    db.execute("CREATE TABLE sync_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    db.execute("INSERT INTO sync_meta (key, value) VALUES ('store_id', lower(hex(randomblob(8))))")
+    db.execute("INSERT INTO sync_meta (key, value) VALUES ('device_id', 'dev-' || lower(hex(randomblob(6))))")
+    # One cursor per sync target: the highest seq the target acknowledged, and the upper bounds
+    # of the batch in flight, so a retry after a crash resends exactly the same batch.
+    db.execute(
+        """
+        CREATE TABLE sync_state (
+            target TEXT PRIMARY KEY,
+            trace_seq INTEGER NOT NULL DEFAULT 0,
+            feedback_seq INTEGER NOT NULL DEFAULT 0,
+            pending_trace_seq INTEGER,
+            pending_feedback_seq INTEGER,
+            pushed_traces INTEGER NOT NULL DEFAULT 0,
+            pushed_feedback INTEGER NOT NULL DEFAULT 0,
+            last_attempt_at TEXT,
+            last_success_at TEXT,
+            last_error TEXT
+        )
+        """
+    )

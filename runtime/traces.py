@@ -100,7 +100,9 @@ class TraceStats(BaseModel):
 
 
 _TRACE_COLUMNS = [name for name in TraceRecord.model_fields if name != "seq"]
-_INSERT_SQL = f"INSERT INTO traces ({', '.join(_TRACE_COLUMNS)}) VALUES ({', '.join('?' * len(_TRACE_COLUMNS))})"
+_INSERT_SQL = (
+    f"INSERT INTO traces ({', '.join(_TRACE_COLUMNS)}) VALUES ({', '.join('?' * len(_TRACE_COLUMNS))})"
+)
 
 
 def _encode(name: str, value: Any) -> Any:
@@ -171,7 +173,14 @@ class TraceStore:
             cur = self.db.conn.execute(
                 "INSERT INTO feedback (trace_id, created_at, rating, correction, comment, source) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                [trace_id, record.created_at, record.rating, record.correction, record.comment, record.source],
+                [
+                    trace_id,
+                    record.created_at,
+                    record.rating,
+                    record.correction,
+                    record.comment,
+                    record.source,
+                ],
             )
         return record.model_copy(update={"seq": cur.lastrowid})
 
@@ -202,7 +211,12 @@ class TraceStore:
     ) -> list[TraceRecord]:
         """Newest first, paged by sequence number (never loads the whole table)."""
         where, params = ["1=1"], []
-        for clause, value in (("seq < ?", before_seq), ("seq > ?", after_seq), ("task = ?", task), ("route = ?", route)):
+        for clause, value in (
+            ("seq < ?", before_seq),
+            ("seq > ?", after_seq),
+            ("task = ?", task),
+            ("route = ?", route),
+        ):
             if value is not None:
                 where.append(clause)
                 params.append(value)

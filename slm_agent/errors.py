@@ -9,6 +9,7 @@ the same message.
     │   ├── ContextOverflowError   413 prompt longer than the context window
     │   └── SchemaError            422 invalid or unsatisfiable JSON schema / task output
     ├── AuthenticationError        401
+    ├── ForbiddenError             403 a token used for another device
     ├── NotFoundError              404 unknown model, adapter, task or trace
     ├── ConflictError              409 name already taken
     ├── QueueFullError             429 engine queue full (Retry-After)
@@ -16,6 +17,7 @@ the same message.
     ├── ModelStoreError            400 not GGUF, truncated, wrong architecture, checksum
     │   └── OfflineError           503 a download was needed while offline
     ├── InsufficientMemoryError    507 model does not fit in memory
+    ├── StorageFullError           507 no room to write: nothing acknowledged
     ├── DeadlineExceededError      504 request deadline passed
     ├── RemoteError                502 remote LLM failed
     └── UnavailableError           503 loading, shutting down, breaker open
@@ -56,6 +58,12 @@ class AuthenticationError(SlmAgentError):
     status_code = 401
     error_type = "authentication_error"
     code = "invalid_api_key"
+
+
+class ForbiddenError(SlmAgentError):
+    status_code = 403
+    error_type = "permission_error"
+    code = "wrong_device"
 
 
 class NotFoundError(SlmAgentError):
@@ -102,6 +110,14 @@ class InsufficientMemoryError(SlmAgentError):
     status_code = 507
     error_type = "server_error"
     code = "insufficient_memory"
+
+
+class StorageFullError(SlmAgentError):
+    """The target has no room: nothing was acknowledged, the batch will be sent again."""
+
+    status_code = 507
+    error_type = "server_error"
+    code = "storage_full"
 
 
 class DeadlineExceededError(SlmAgentError):

@@ -117,9 +117,7 @@ class Daemon:
 
 
 @pytest.fixture
-def make_daemon(
-    _isolated_home: Path, shared_store: ModelStore
-) -> Iterator[object]:
+def make_daemon(_isolated_home: Path, shared_store: ModelStore) -> Iterator[object]:
     """Factory: ``make_daemon(*args, env={...})`` starts a daemon on the shared bundled store."""
     started: list[Daemon] = []
 

@@ -1,0 +1,41 @@
+"""Publish an adapter for devices to pull: ``<publish_dir>/<name>/`` with the GGUF and its manifest."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from slm_agent.errors import ConflictError
+from slm_agent.models.gguf_info import read_info
+from slm_agent.models.hashing import sha256_file
+from slm_agent.runtime.sync import PublishedAdapter, write_atomic
+
+
+def publish_adapter(
+    source: Path, publish_dir: Path, *, name: str, tasks: list[str], base_sha256: str | None = None
+) -> PublishedAdapter:
+    """Copy the file first and write the manifest last: a listing never shows a half-copied file.
+
+    Published versions are immutable; a new version gets a new name.
+    """
+    source = Path(source)
+    folder = Path(publish_dir) / name
+    if (folder / "manifest.json").exists():
+        raise ConflictError(f"adapter {name!r} is already published; publish a new version under a new name")
+    folder.mkdir(parents=True, exist_ok=True)
+    info = read_info(source)
+    tmp = folder / f".{source.name}.tmp"
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, folder / source.name)
+    manifest = PublishedAdapter(
+        name=name,
+        file=source.name,
+        sha256=sha256_file(folder / source.name),
+        size=source.stat().st_size,
+        architecture=info.architecture,
+        base_sha256=base_sha256,
+        tasks=tasks,
+    )
+    write_atomic(folder / "manifest.json", manifest.model_dump_json(indent=2).encode())
+    return manifest

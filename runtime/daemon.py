@@ -1,0 +1,87 @@
+"""``slm-agentd``: start the daemon on the configured (by default the bundled) model."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import click
+from pydantic import ValidationError
+
+from slm_agent.errors import SlmAgentError
+from slm_agent.models import BUNDLED_NAME, ModelStore, ensure_bundled
+from slm_agent.progress import rich_progress
+from slm_agent.runtime.api import resolve_base
+from slm_agent.runtime.config import Settings, load_settings
+
+log = logging.getLogger("slm_agent.daemon")
+
+
+def _field_help(name: str) -> str:
+    return Settings.model_fields[name].description or ""
+
+
+@click.command(
+    epilog="""\b
+Example usage:
+  slm-agentd                                  # bundled model on 127.0.0.1:8765
+  slm-agentd --port 9000 --n-ctx 8192
+  SLM_AGENT_TOKEN=s3cret slm-agentd --host 0.0.0.0
+  curl localhost:8765/v1/models""",
+)
+@click.option("--host", help=_field_help("host"))
+@click.option("--port", type=int, help=_field_help("port"))
+@click.option("--token", help=_field_help("token"))
+@click.option("--model", help=_field_help("model"))
+@click.option("--adapter", "adapters", multiple=True, help=_field_help("adapters"))
+@click.option("--n-ctx", type=int, help=_field_help("n_ctx"))
+@click.option("--n-threads", type=int, help=_field_help("n_threads"))
+@click.option("--queue-size", type=int, help=_field_help("queue_size"))
+@click.option(
+    "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help=_field_help("log_level")
+)
+def main(**flags: Any) -> None:
+    """Serve agent subtasks on a local GGUF model: OpenAI-compatible API, task API, traces."""
+    flags["adapters"] = list(flags["adapters"]) or None
+    try:
+        settings = load_settings(**flags)
+    except (ValidationError, ValueError) as exc:
+        raise click.ClickException(f"invalid settings: {exc}") from exc
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        store = ModelStore(settings.store_dir)
+        if settings.model == BUNDLED_NAME and not store.has(BUNDLED_NAME):
+            with rich_progress("assembling bundled model") as progress:
+                ensure_bundled(store, on_progress=progress)
+        # Fail here, with a one-line message, rather than inside the server's startup.
+        resolve_base(settings, store)
+        serve(settings)
+    except SlmAgentError as exc:
+        raise click.ClickException(exc.message) from exc
+
+
+def serve(settings: Settings) -> None:
+    import uvicorn
+
+    from slm_agent.runtime.api import create_app
+
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=30,
+        access_log=settings.log_level == "debug",
+        lifespan="on",
+    )
+    log.info("slm-agentd listening on http://%s:%d", settings.host, settings.port)
+    uvicorn.Server(config).run()
+
+
+if __name__ == "__main__":
+    main()

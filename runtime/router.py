@@ -1,0 +1,261 @@
+"""Where a request is answered: on the device or by a remote LLM, and why.
+
+The decision is made twice at most. ``decide`` runs before generation on ``RequestFeatures`` (what
+the request is, what policy says, whether a remote is reachable). ``review`` runs after a local
+answer, with what ``validate_local_answer`` and ``confidence`` found, and may escalate it.
+
+``Router`` is the seam: ``RuleRouter`` implements it with the rules below; a learned router (an
+ONNX classifier over the same features) can replace it without touching the callers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any, Literal, Protocol
+
+import jsonschema
+from pydantic import BaseModel, Field
+
+__all__ = [
+    "RequestFeatures",
+    "RouteDecision",
+    "Router",
+    "RuleRouter",
+    "confidence",
+    "is_planning_request",
+    "validate_local_answer",
+]
+
+RouteReason = Literal["policy", "proxy", "planning", "validation", "confidence", "offline"]
+
+
+class RequestFeatures(BaseModel):
+    model: str = Field(description="Model id the agent asked for.")
+    served_locally: bool = Field(description="The id names the local base model, an adapter or a task.")
+    task: str | None = Field(None, description="The matched local task, if any.")
+    task_routing: Literal["local", "remote", "auto"] | None = Field(
+        None, description="The task's routing policy."
+    )
+    route_header: Literal["local", "remote"] | None = Field(
+        None, description="The agent's per-request override."
+    )
+    is_planner: bool = Field(False, description="is_planning_request() said so.")
+    has_tools: bool = False
+    n_tools: int = 0
+    matching_local_task: bool = Field(False, description="A local task covers this request.")
+    prompt_tokens: int | None = None
+    remote_available: bool = Field(False, description="A remote provider would take the call now.")
+
+
+class RouteDecision(BaseModel):
+    route: Literal["local", "remote"]
+    reason: RouteReason
+    score: float | None = Field(None, description="The learned router's probability, or the confidence.")
+    detail: str = Field("", description="One line for traces and the TUI.")
+
+
+class Router(Protocol):
+    def decide(self, f: RequestFeatures) -> RouteDecision: ...
+
+    def review(
+        self,
+        f: RequestFeatures,
+        *,
+        failure: str | None,
+        mean_logprob: float | None,
+        min_logprob: float | None,
+    ) -> RouteDecision | None:
+        """After a local answer: a decision to escalate it, or None to keep it."""
+        ...
+
+
+class RuleRouter:
+    """The rules of issue 4, first match wins:
+
+    1. the agent's ``X-Slm-Route`` header;  2. the task's routing policy ("local"/"remote");
+    3. a model id nothing local serves is proxied;  4. planning goes remote;
+    5. everything else is tried locally and may be escalated by ``review`` (validation, confidence).
+    Any remote route falls back to local ("offline") when the remote is unavailable.
+    """
+
+    def __init__(self, *, min_mean_logprob: float = -1.5, min_token_logprob: float = -8.0) -> None:
+        self.min_mean_logprob = min_mean_logprob
+        self.min_token_logprob = min_token_logprob
+
+    def decide(self, f: RequestFeatures) -> RouteDecision:
+        if f.route_header is not None:
+            return (
+                self._remote(f, "policy", "X-Slm-Route header")
+                if f.route_header == "remote"
+                else _local("policy", "X-Slm-Route header")
+            )
+        if f.task_routing == "local":
+            return _local("policy", f"task {f.task!r} routes local")
+        if f.task_routing == "remote":
+            return self._remote(f, "policy", f"task {f.task!r} routes remote")
+        if not f.served_locally and not f.matching_local_task:
+            return self._remote(f, "proxy", f"model {f.model!r} is not served locally")
+        if f.is_planner:
+            return self._remote(f, "planning", "planning request")
+        return _local("policy", f"task {f.task!r} tried locally" if f.task else "tried locally")
+
+    def review(
+        self,
+        f: RequestFeatures,
+        *,
+        failure: str | None,
+        mean_logprob: float | None,
+        min_logprob: float | None,
+    ) -> RouteDecision | None:
+        # Pinned to local by the agent or the task: the local answer stands, even a poor one.
+        if f.route_header == "local" or f.task_routing == "local" or not f.remote_available:
+            return None
+        if failure is not None:
+            return RouteDecision(route="remote", reason="validation", detail=failure)
+        if mean_logprob is not None and mean_logprob < self.min_mean_logprob:
+            return RouteDecision(
+                route="remote",
+                reason="confidence",
+                score=math.exp(mean_logprob),
+                detail=f"mean token logprob {mean_logprob:.2f} < {self.min_mean_logprob}",
+            )
+        if min_logprob is not None and min_logprob < self.min_token_logprob:
+            return RouteDecision(
+                route="remote",
+                reason="confidence",
+                score=math.exp(min_logprob),
+                detail=f"a token's logprob {min_logprob:.2f} < {self.min_token_logprob}",
+            )
+        return None
+
+    @staticmethod
+    def _remote(f: RequestFeatures, reason: RouteReason, detail: str) -> RouteDecision:
+        if not f.remote_available:
+            return _local(
+                "offline", f"{detail}, but no remote is available (offline, breaker open or budget spent)"
+            )
+        return RouteDecision(route="remote", reason=reason, detail=detail)
+
+
+def _local(reason: RouteReason, detail: str) -> RouteDecision:
+    return RouteDecision(route="local", reason=reason, detail=detail)
+
+
+# -- checks on a local answer ------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=256)
+def _validator(schema_json: str) -> Any:
+    schema = json.loads(schema_json)
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def _schema_error(instance: Any, schema: dict[str, Any]) -> str | None:
+    validator = _validator(json.dumps(schema, sort_keys=True))
+    error = jsonschema.exceptions.best_match(validator.iter_errors(instance))
+    if error is None:
+        return None
+    where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+    return f"{where}: {error.message}"
+
+
+def validate_local_answer(
+    text: str | None,
+    finish_reason: str | None,
+    *,
+    schema: dict[str, Any] | None = None,
+    tools: Sequence[dict[str, Any]] | None = None,
+    tool_call: dict[str, Any] | None = None,
+) -> str | None:
+    """Why a local answer is not good enough to return, or None when it is.
+
+    ``tools`` are OpenAI tool definitions; ``tool_call`` is ``{"name": ..., "arguments": str|dict}``
+    (or an OpenAI ``tool_calls`` item with a ``function`` key).
+    """
+    if finish_reason == "length":
+        return "truncated: the answer hit max_tokens (finish_reason=length)"
+    if tool_call is not None:
+        return _tool_call_error(tool_call, tools or [])
+    if not text or not text.strip():
+        return "empty answer"
+    if schema is not None:
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            return f"invalid JSON: {exc}"
+        error = _schema_error(value, schema)
+        if error is not None:
+            return f"JSON does not match the schema: {error}"
+    return None
+
+
+def _tool_call_error(tool_call: dict[str, Any], tools: Sequence[dict[str, Any]]) -> str | None:
+    fn = tool_call.get("function", tool_call)
+    name = fn.get("name")
+    definitions = {t.get("function", t).get("name"): t.get("function", t) for t in tools}
+    if name not in definitions:
+        return f"tool call names unknown tool {name!r} (known: {sorted(n for n in definitions if n)})"
+    arguments = fn.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except ValueError as exc:
+            return f"tool call {name!r}: arguments are invalid JSON: {exc}"
+    if not isinstance(arguments, dict):
+        return f"tool call {name!r}: arguments must be a JSON object"
+    parameters = definitions[name].get("parameters")
+    if parameters:
+        error = _schema_error(arguments, parameters)
+        if error is not None:
+            return f"tool call {name!r}: arguments do not match the tool's schema: {error}"
+    return None
+
+
+def confidence(token_logprobs: Sequence[float]) -> tuple[float, float]:
+    """(mean, min) token logprob of an answer; (0.0, 0.0) for no tokens, which the empty-answer
+    check catches instead."""
+    if not token_logprobs:
+        return 0.0, 0.0
+    return sum(token_logprobs) / len(token_logprobs), min(token_logprobs)
+
+
+# -- planning --------------------------------------------------------------------------------------
+
+_PLANNING = re.compile(
+    r"\b(?:planner|planning|make a plan|create a plan|(?:write|draft|produce|outline) (?:a |the )?plan"
+    r"|plan (?:out |the |your )?(?:steps|tasks|approach|actions)|step[- ]by[- ]step plan|next steps?"
+    r"|decompose|break (?:it|this|the (?:task|problem|goal)) (?:down|into)|sub-?tasks|multi-step)\b",
+    re.IGNORECASE,
+)
+MANY_TOOLS = 5
+
+
+def is_planning_request(
+    messages: Sequence[dict[str, Any]],
+    task: str | None = None,
+    *,
+    task_is_planner: bool = False,
+    tools: Sequence[dict[str, Any]] | None = None,
+) -> bool:
+    """Whether a request asks for planning, which the small local model does badly.
+
+    Signs: the task is marked planner; the system/developer prompt talks about plans and steps;
+    or the agent offers many tools and no local task covers the request (an open-ended agent turn).
+    """
+    if task_is_planner:
+        return True
+    for message in messages:
+        if message.get("role") not in ("system", "developer"):
+            continue
+        content = message.get("content")
+        if isinstance(content, list):
+            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if isinstance(content, str) and _PLANNING.search(content):
+            return True
+    return task is None and len(tools or ()) >= MANY_TOOLS

@@ -1,0 +1,128 @@
+"""EventBus: ids, thread-safe publishing, resume from the ring buffer and from the database; SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from slm_agent.runtime import monitor_api as mon
+from slm_agent.runtime.events import SEQ_SHIFT, EventBus
+from slm_agent.runtime.traces import TraceRecord, TraceStore
+from slm_agent.tui.sources import DaemonSource
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> TraceStore:
+    s = TraceStore(tmp_path / "traces.db")
+    yield s
+    s.close()
+
+
+async def take(it, n: int, timeout: float = 5) -> list:  # type: ignore[no-untyped-def]
+    return [await asyncio.wait_for(it.__anext__(), timeout) for _ in range(n)]
+
+
+@pytest.mark.anyio
+async def test_ids_increase_and_encode_trace_seq(store: TraceStore) -> None:
+    bus = EventBus(store)
+    store.add_listener(bus.publish_trace)
+    a = bus.publish("model_load", {"model": "m"})
+    t = store.insert(TraceRecord(endpoint="/x"))
+    b = bus.publish("adapter_load", {"name": "a"})
+    assert a.id < bus._ring[1].id < b.id
+    assert bus._ring[1].id >> SEQ_SHIFT == t.seq
+    # A new bus (daemon restart) continues above the old ids.
+    assert EventBus(store).last_id >= t.seq << SEQ_SHIFT
+
+
+@pytest.mark.anyio
+async def test_live_delivery_from_worker_threads(store: TraceStore) -> None:
+    bus = EventBus(store)
+    store.add_listener(bus.publish_trace)
+    it = bus.subscribe(None)
+    first = asyncio.ensure_future(it.__anext__())
+    await asyncio.sleep(0.05)
+    threads = [threading.Thread(target=lambda: [store.insert(TraceRecord(endpoint="/x")) for _ in range(25)])
+               for _ in range(4)]  # fmt: skip
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    events = [await asyncio.wait_for(first, 5), *await take(it, 99)]
+    assert sorted(e.data["seq"] for e in events) == list(range(1, 101))
+    assert [e.id for e in events] == sorted(e.id for e in events)
+    await it.aclose()
+
+
+@pytest.mark.anyio
+async def test_resume_from_ring_buffer(store: TraceStore) -> None:
+    bus = EventBus(store, capacity=100)
+    store.add_listener(bus.publish_trace)
+    for _ in range(10):
+        store.insert(TraceRecord(endpoint="/x"))
+    bus.publish("adapter_unload", {"name": "a"})
+    seen = list(bus._ring)[3]
+    got = await take(bus.subscribe(seen.id), 7)
+    assert [e.data.get("seq") for e in got] == [5, 6, 7, 8, 9, 10, None]
+    assert got[-1].kind == "adapter_unload"
+
+
+@pytest.mark.anyio
+async def test_resume_after_buffer_overflow_replays_from_db(store: TraceStore) -> None:
+    bus = EventBus(store, capacity=5)
+    store.add_listener(bus.publish_trace)
+    for _ in range(3):
+        store.insert(TraceRecord(endpoint="/x"))
+    last_seen = bus.last_id  # client saw trace 3, then disconnected
+    for _ in range(20):
+        store.insert(TraceRecord(endpoint="/x"))
+    bus.publish("error", {"message": "boom"})
+    got = await take(bus.subscribe(last_seen), 21)
+    assert [e.data.get("seq") for e in got] == [*range(4, 24), None]
+    assert [e.id for e in got] == sorted(e.id for e in got)
+
+
+@pytest.mark.anyio
+async def test_sse_endpoint_resumes_with_last_event_id(store: TraceStore) -> None:
+    app = FastAPI()
+    bus = EventBus(store)
+    store.add_listener(bus.publish_trace)
+    app.state.services = SimpleNamespace(traces=store, events=bus)
+    app.include_router(mon.router)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+    server = uvicorn.Server(config)
+    task = asyncio.ensure_future(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        for _ in range(3):
+            store.insert(TraceRecord(endpoint="/x", task="t"))
+        source = DaemonSource(f"http://127.0.0.1:{port}")
+        source.last_event_id = 1 << SEQ_SHIFT  # saw trace 1 before a drop
+        events = source.events()
+        got = await take(events, 2)
+        assert [e.data["seq"] for e in got] == [2, 3]
+        await asyncio.to_thread(store.insert, TraceRecord(endpoint="/x"))
+        assert (await take(events, 1))[0].data["seq"] == 4
+        assert source.last_event_id == 4 << SEQ_SHIFT
+        await events.aclose()  # type: ignore[attr-defined]
+        await source.close()
+        async with httpx.AsyncClient() as client:
+            r = await client.get(f"http://127.0.0.1:{port}/v1/traces", params={"limit": 2})
+            assert [t["seq"] for t in r.json()["items"]] == [4, 3]
+    finally:
+        server.should_exit = True
+        await task

@@ -1,0 +1,480 @@
+"""The remote client against real servers: llama-cpp-python's own OpenAI server for the happy
+paths, the fault server for everything that goes wrong."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import free_port
+from faultserver import Fault, FaultServer
+
+from slm_agent.errors import BadRequestError, BudgetExceededError, RemoteError, UnavailableError
+from slm_agent.runtime.config import Settings
+from slm_agent.runtime.remote import (
+    STREAM_INTERRUPTED,
+    RemoteClient,
+    RemoteProvider,
+    RemoteSettings,
+)
+
+# The bundled base model has no chat template; a sentence to complete gets it talking.
+PROMPT = "The capital of France is"
+PII_TEXT = "I am Jane, mail jane.roe@corp.example or call +1 415-555-0100; card 4111 1111 1111 1111."
+
+
+# -- fixtures ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_server(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """llama-cpp-python's OpenAI-compatible server on the bundled model: the real 'remote'."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("llama-server") / "server.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "llama_cpp.server",
+                "--model",
+                str(model_path),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--n_ctx",
+                "1024",
+                "--n_threads",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 90
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"llama server exited {proc.returncode}:\n{log_path.read_text()}")
+            try:
+                if httpx.get(f"{url}/models", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"llama server not ready:\n{log_path.read_text()}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def fault_server() -> Iterator[FaultServer]:
+    with FaultServer() as fs:
+        yield fs
+
+
+@pytest.fixture
+def fs(fault_server: FaultServer) -> FaultServer:
+    fault_server.reset()
+    return fault_server
+
+
+class Sleeps(list[float]):
+    """Records each backoff delay and really waits it, so server-side timestamps show it too."""
+
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+        time.sleep(seconds)
+
+
+def make_client(url: str, sleeps: Sleeps | None = None, **overrides: Any) -> RemoteClient:
+    provider_fields = {k: overrides.pop(k) for k in list(overrides) if k in RemoteProvider.model_fields}
+    provider = RemoteProvider(name="test", base_url=url, **{"max_retries": 2, **provider_fields})
+    settings = RemoteSettings(providers=[provider], **{"backoff_base_s": 0.05, **overrides})
+    return RemoteClient(settings, sleep=sleeps if sleeps is not None else Sleeps())
+
+
+def body(content: str = "Say hello.", **extra: Any) -> dict[str, Any]:
+    return {"model": "gpt-test", "messages": [{"role": "user", "content": content}], **extra}
+
+
+# -- happy paths through a real server -----------------------------------------------------------------
+
+
+def test_chat_through_llama_server_counts_cost(llama_server: str) -> None:
+    client = make_client(llama_server, price_per_1k_input=1.0, price_per_1k_output=2.0)
+    result = client.chat(body(PROMPT, max_tokens=8, temperature=0))
+    message = result.response["choices"][0]["message"]
+    assert message["role"] == "assistant"
+    assert isinstance(message["content"], str)
+    assert result.prompt_tokens > 0 and 0 < result.completion_tokens <= 8
+    assert not result.usage_estimated
+    assert result.cost_usd == pytest.approx(result.prompt_tokens / 1000 + result.completion_tokens * 2 / 1000)
+    assert client.budget.tokens == result.prompt_tokens + result.completion_tokens
+
+
+def test_stream_passes_chunks_through_as_they_arrive(llama_server: str) -> None:
+    client = make_client(llama_server, price_per_1k_output=1.0)
+    stream = client.stream_chat(body(PROMPT, max_tokens=24, temperature=0))
+    arrivals: list[float] = []
+    pieces: list[str] = []
+    for chunk in stream:
+        arrivals.append(time.monotonic())
+        for choice in chunk["choices"]:
+            pieces.append(choice["delta"].get("content") or "")
+    assert len(arrivals) >= 5
+    # Chunks come as the model decodes (~tens of ms apart), not in one burst at the end.
+    assert arrivals[-1] - arrivals[0] > 0.1
+    assert "".join(pieces)
+    assert stream.result is not None and stream.result.completion_tokens > 0
+    assert stream.result.cost_usd > 0
+
+
+def test_async_stream_and_chat_through_llama_server(llama_server: str) -> None:
+    client = make_client(llama_server)
+
+    async def run() -> tuple[int, str]:
+        stream = client.astream_chat(body(PROMPT, max_tokens=6, temperature=0))
+        n = sum([1 async for _ in stream])
+        result = await client.achat(body(PROMPT, max_tokens=6, temperature=0))
+        await client.aclose()
+        return n, result.response["choices"][0]["finish_reason"]
+
+    n, finish = asyncio.run(run())
+    assert n >= 2
+    assert finish in ("stop", "length")
+
+
+# -- retries ---------------------------------------------------------------------------------------------
+
+
+def test_429_is_retried_after_retry_after(fs: FaultServer) -> None:
+    sleeps = Sleeps()
+    client = make_client(fs.url, sleeps)
+    fs.push(Fault.status(429, retry_after=1))
+    result = client.chat(body())
+    assert result.attempts == 2
+    assert sleeps == [1.0]
+    first, second = fs.requests
+    assert second.at - first.at >= 1.0
+
+
+def test_5xx_is_retried_with_jittered_exponential_backoff(fs: FaultServer) -> None:
+    sleeps = Sleeps()
+    client = make_client(fs.url, sleeps, max_retries=3, backoff_base_s=0.1, breaker_failures=10)
+    fs.push(Fault.status(500), Fault.status(502), Fault.status(503))
+    result = client.chat(body())
+    assert result.attempts == 4
+    assert len(sleeps) == 3
+    for i, delay in enumerate(sleeps):
+        cap = 0.1 * 2**i
+        assert cap / 2 <= delay <= cap
+
+
+def test_retries_run_out_into_a_remote_error(fs: FaultServer) -> None:
+    client = make_client(fs.url, max_retries=1, breaker_failures=10)
+    fs.push(Fault.status(500), Fault.status(500))
+    with pytest.raises(RemoteError) as info:
+        client.chat(body())
+    assert info.value.status_code == 502 and info.value.code == "remote_server_error"
+    assert len(fs.requests) == 2
+
+
+def test_4xx_is_not_retried(fs: FaultServer) -> None:
+    client = make_client(fs.url)
+    fs.push(Fault.status(400))
+    with pytest.raises(RemoteError, match="HTTP 400"):
+        client.chat(body())
+    assert len(fs.requests) == 1
+    assert client.breaker("test").consecutive_failures == 0
+
+
+def test_connection_refused_is_retried_then_fails() -> None:
+    sleeps = Sleeps()
+    client = make_client(f"http://127.0.0.1:{free_port()}/v1", sleeps, max_retries=2, breaker_failures=10)
+    with pytest.raises(RemoteError, match="cannot reach"):
+        client.chat(body())
+    assert len(sleeps) == 2
+
+
+def test_hanging_provider_times_out(fs: FaultServer) -> None:
+    client = make_client(fs.url, timeout_s=0.5, max_retries=0)
+    fs.push(Fault.hang(5))
+    start = time.monotonic()
+    with pytest.raises(RemoteError) as info:
+        client.chat(body())
+    assert info.value.code == "remote_timeout"
+    assert time.monotonic() - start < 3
+
+
+# -- circuit breaker ------------------------------------------------------------------------------------
+
+
+def test_breaker_opens_after_n_failures_and_recovers_after_cooldown(fs: FaultServer) -> None:
+    client = make_client(fs.url, max_retries=0, breaker_failures=3, breaker_cooldown_s=0.5)
+    breaker = client.breaker("test")
+    fs.push(*[Fault.status(500)] * 3)
+    for _ in range(3):
+        with pytest.raises(RemoteError):
+            client.chat(body())
+    assert breaker.state == "open"
+    assert not client.is_available("gpt-test")
+    with pytest.raises(UnavailableError) as info:
+        client.chat(body())
+    assert info.value.code == "breaker_open" and info.value.retry_after_s is not None
+    assert len(fs.requests) == 3  # the open breaker kept the call from the provider
+
+    time.sleep(0.55)
+    assert breaker.state == "half_open" and client.is_available("gpt-test")
+    fs.push(Fault.status(500))  # a failed probe opens it again at once
+    with pytest.raises(RemoteError):
+        client.chat(body())
+    assert breaker.state == "open"
+
+    time.sleep(0.55)
+    client.chat(body())  # a successful probe closes it
+    assert breaker.state == "closed" and breaker.consecutive_failures == 0
+    client.chat(body())
+
+
+def test_breaker_stops_retries_of_the_call_that_opened_it(fs: FaultServer) -> None:
+    client = make_client(fs.url, max_retries=5, breaker_failures=2, breaker_cooldown_s=30)
+    fs.push(*[Fault.status(503)] * 5)
+    with pytest.raises(RemoteError, match="circuit breaker opened"):
+        client.chat(body())
+    assert len(fs.requests) == 2
+
+
+# -- budgets ---------------------------------------------------------------------------------------------
+
+
+def test_daily_token_budget_is_enforced_and_resets_next_utc_day(fs: FaultServer) -> None:
+    day = [date(2025, 1, 1)]
+    provider = RemoteProvider(name="test", base_url=fs.url)
+    settings = RemoteSettings(providers=[provider], daily_token_budget=10, on_budget_exhausted="local")
+    client = RemoteClient(settings, today=lambda: day[0])
+    client.chat(body("one two three four five six seven"))  # 7 + 7 tokens: over the budget now
+    assert client.budget.tokens == 14
+    assert not client.is_available("gpt-test")  # "local": the router answers locally instead
+    with pytest.raises(BudgetExceededError) as info:
+        client.chat(body())
+    assert info.value.status_code == 402
+    assert len(fs.requests) == 1
+    day[0] = date(2025, 1, 2)
+    assert client.is_available("gpt-test")
+    client.chat(body("hi"))
+
+
+def test_daily_cost_budget_with_error_policy(fs: FaultServer) -> None:
+    client = make_client(
+        fs.url, price_per_1k_input=100.0, daily_cost_budget_usd=0.5, on_budget_exhausted="error"
+    )
+    result = client.chat(body("a b c d e f"))
+    assert result.cost_usd == pytest.approx(0.6)
+    # "error": still "available", so the call is made and fails with 402 for the agent to see.
+    assert client.is_available("gpt-test")
+    with pytest.raises(BudgetExceededError):
+        client.chat(body())
+
+
+# -- streams that break ---------------------------------------------------------------------------------
+
+
+def test_mid_stream_drop_is_an_error_not_a_short_answer(fs: FaultServer) -> None:
+    client = make_client(fs.url)
+    fs.push(Fault.drop(after_chunks=3))
+    stream = client.stream_chat(body("one two three four five six"))
+    received = []
+    with pytest.raises(RemoteError) as info:
+        for chunk in stream:
+            received.append(chunk)
+    assert len(received) == 3
+    assert info.value.code == STREAM_INTERRUPTED
+    assert "after 3 chunk(s)" in info.value.message
+    assert stream.result is None
+    assert len(fs.requests) == 1  # never retried once chunks were passed on
+
+
+def test_clean_close_without_done_is_detected(fs: FaultServer) -> None:
+    client = make_client(fs.url)
+    fs.push(Fault.eof(after_chunks=2))
+    with pytest.raises(RemoteError) as info:
+        list(client.stream_chat(body("one two three four")))
+    assert info.value.code == STREAM_INTERRUPTED
+    assert "[DONE]" in info.value.message
+
+
+def test_async_mid_stream_drop_is_detected(fs: FaultServer) -> None:
+    client = make_client(fs.url)
+    fs.push(Fault.drop(after_chunks=2))
+
+    async def run() -> int:
+        n = 0
+        try:
+            async for _ in client.astream_chat(body("one two three four")):
+                n += 1
+        finally:
+            await client.aclose()
+        return n
+
+    with pytest.raises(RemoteError) as info:
+        asyncio.run(run())
+    assert info.value.code == STREAM_INTERRUPTED
+
+
+def test_stream_start_is_retried_before_any_chunk(fs: FaultServer) -> None:
+    client = make_client(fs.url)
+    fs.push(Fault.status(503))
+    stream = client.stream_chat(body("alpha beta"))
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in stream if c["choices"])
+    assert text.split() == ["alpha", "beta"]
+    assert stream.result is not None and stream.result.attempts == 2
+    assert not stream.result.usage_estimated
+
+
+# -- privacy ----------------------------------------------------------------------------------------------
+
+
+def test_pii_is_redacted_before_sending_and_restored_in_the_answer(fs: FaultServer) -> None:
+    client = make_client(fs.url)
+    request = {
+        "model": "gpt-test",
+        "messages": [
+            {"role": "system", "content": "Answer the user. Escalations go to ops@corp.example."},
+            {"role": "user", "content": PII_TEXT},
+        ],
+    }
+    result = client.chat(request)  # the fault server echoes the last user message back
+    assert result.response["choices"][0]["message"]["content"] == PII_TEXT
+    assert result.redactions == {"email": 2, "phone": 1, "card": 1}
+    sent = json.dumps(fs.requests[0].body)
+    for value in ("jane.roe@corp.example", "ops@corp.example", "415-555-0100", "4111 1111 1111 1111"):
+        assert value not in sent
+    assert fs.requests[0].body["messages"][1]["content"] == (
+        "I am Jane, mail <EMAIL_2> or call <PHONE_1>; card <CARD_1>."
+    )
+    assert request["messages"][1]["content"] == PII_TEXT  # the caller's body is untouched
+
+
+def test_pii_restored_in_a_stream(fs: FaultServer) -> None:
+    client = make_client(fs.url)
+    stream = client.stream_chat(body(PII_TEXT))
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in stream if c["choices"])
+    assert text.strip() == PII_TEXT
+    assert "jane.roe" not in json.dumps(fs.requests[0].body)
+
+
+def test_pii_in_tool_call_arguments_is_redacted(fs: FaultServer) -> None:
+    client = make_client(fs.url)
+    request = body("ok")
+    request["messages"].insert(
+        0,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_Xy7pQ2rT9uV4wZ1aB3cD5eF7",
+                    "type": "function",
+                    "function": {"name": "send_mail", "arguments": '{"to": "bob@example.org"}'},
+                }
+            ],
+        },
+    )
+    client.chat(request)
+    sent = fs.requests[0].body["messages"][0]["tool_calls"][0]
+    assert sent["function"]["arguments"] == '{"to": "<EMAIL_1>"}'
+    assert sent["id"] == "call_Xy7pQ2rT9uV4wZ1aB3cD5eF7"  # structure is not redacted
+
+
+def test_refuse_mode_sends_nothing(fs: FaultServer) -> None:
+    client = make_client(fs.url, redaction="refuse")
+    with pytest.raises(BadRequestError) as info:
+        client.chat(body(PII_TEXT))
+    assert info.value.code == "pii_refused"
+    assert fs.requests == []
+    client.chat(body("nothing personal here"))
+    assert len(fs.requests) == 1
+
+
+def test_off_mode_sends_as_is(fs: FaultServer) -> None:
+    client = make_client(fs.url, redaction="off")
+    result = client.chat(body(PII_TEXT))
+    assert fs.requests[0].body["messages"][0]["content"] == PII_TEXT
+    assert result.redactions == {}
+
+
+def test_api_key_from_env_is_sent_and_never_logged(
+    fs: FaultServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = "sk-test-SECRETKEY1234567890abcdef"
+    client = make_client(fs.url, api_key_env="TEST_REMOTE_KEY", max_retries=1)
+    monkeypatch.delenv("TEST_REMOTE_KEY", raising=False)
+    assert not client.is_available("gpt-test")
+    with pytest.raises(UnavailableError, match=r"\$TEST_REMOTE_KEY"):
+        client.chat(body())
+    monkeypatch.setenv("TEST_REMOTE_KEY", key)
+    caplog.set_level(logging.DEBUG)
+    fs.push(Fault.status(500))
+    client.chat(body())
+    assert fs.requests[-1].headers["Authorization"] == f"Bearer {key}"
+    assert key not in caplog.text
+    assert key not in repr(client.settings)
+
+
+# -- choosing a provider and settings ---------------------------------------------------------------------
+
+
+def test_provider_selection_and_escalation_model(fs: FaultServer) -> None:
+    settings = RemoteSettings(
+        providers=[
+            RemoteProvider(name="a", base_url=fs.url, models=["gpt-4o", "gpt-4o-mini"]),
+            RemoteProvider(name="b", base_url=fs.url, models=["*"], escalation_model="claude-x"),
+        ],
+        default_provider="b",
+    )
+    client = RemoteClient(settings)
+    assert client.provider_for("gpt-4o").name == "a"
+    assert client.provider_for("something-else").name == "b"
+    assert client.provider_for("gpt-4o", escalation=True).name == "b"
+    client.chat({"model": "extract-invoice", "messages": [{"role": "user", "content": "x"}]}, escalation=True)
+    assert fs.requests[-1].body["model"] == "claude-x"
+    client.chat({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]})
+    assert fs.requests[-1].body["model"] == "gpt-4o"
+
+
+def test_no_provider_means_unavailable() -> None:
+    client = RemoteClient(RemoteSettings())
+    assert not client.is_available("gpt-4o")
+    with pytest.raises(UnavailableError):
+        client.chat(body())
+
+
+def test_remote_settings_from_env_and_validation(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLM_AGENT_REMOTE__DAILY_TOKEN_BUDGET", "1234")
+    monkeypatch.setenv(
+        "SLM_AGENT_REMOTE__PROVIDERS",
+        '[{"name": "oa", "base_url": "https://api.example/v1", "api_key_env": "K"}]',
+    )
+    settings = Settings()
+    assert settings.remote.daily_token_budget == 1234
+    assert settings.remote.providers[0].redaction == "redact"
+    with pytest.raises(ValueError, match="default_provider"):
+        RemoteSettings(providers=[RemoteProvider(name="a", base_url="http://x")], default_provider="zz")

@@ -1,0 +1,1 @@
+"""Widgets of the monitor, grouped by the screen area they draw."""

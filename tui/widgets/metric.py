@@ -1,0 +1,29 @@
+"""A dashboard tile: a metric's current value over a sparkline of its recent buckets."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.widgets import Label, Sparkline, Static
+
+
+class MetricCard(Vertical):
+    """Title, big value, and a sparkline; ``update`` swaps all three at once."""
+
+    DEFAULT_CLASSES = "metric"
+
+    def __init__(self, title: str, *, id: str, tooltip: str | None = None) -> None:
+        super().__init__(id=id)
+        self._title = title
+        if tooltip:
+            self.tooltip = tooltip
+
+    def compose(self) -> ComposeResult:
+        yield Label(self._title, classes="metric-title")
+        yield Static("–", classes="metric-value")
+        yield Sparkline([], classes="metric-spark")
+
+    def update(self, value: str, data: list[float], *, alert: bool = False) -> None:
+        self.query_one(".metric-value", Static).update(value)
+        self.query_one(Sparkline).data = data
+        self.set_class(alert, "alert")
