@@ -6,10 +6,11 @@ import os
 import shutil
 from pathlib import Path
 
+from slm_agent.atomic import write_atomic
 from slm_agent.errors import ConflictError
 from slm_agent.models.gguf_info import read_info
 from slm_agent.models.hashing import sha256_file
-from slm_agent.runtime.sync import PublishedAdapter, write_atomic
+from slm_agent.runtime.sync import PublishedAdapter
 
 
 def publish_adapter(

@@ -13,10 +13,9 @@ import contextlib
 import errno
 import json
 import logging
-import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -24,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from slm_agent.atomic import write_atomic
 from slm_agent.errors import StorageFullError
 from slm_agent.runtime.traces import JSON_COLUMNS, FeedbackRecord, TraceRecord
 
@@ -122,24 +122,7 @@ class TraceStorage:
         if not self.local:
             self.fs.pipe_file(path, data)  # object stores make a PUT visible whole or not at all
             return
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".part-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(Path(path), data, tmp_prefix=".part-")
 
     def remove(self, paths: Sequence[str]) -> None:
         for path in paths:

@@ -128,6 +128,7 @@ class Engine:
         self._current_adapter: tuple[str | None, float] = (None, 1.0)
         self._prefixes = PrefixCache(config.prefix_cache_size)
         self._ewma_request_s = 1.0
+        self._tokenized: dict[str, list[int]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------
     def load(self) -> None:
@@ -240,11 +241,21 @@ class Engine:
             raise UnavailableError("the model is loading", retry_after_s=1)
         return list(self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
 
+    def _prefix_tokens(self, prefix: str) -> list[int]:
+        """Task prefixes repeat on every call; tokenizing one costs ~0.25 ms, a lookup nothing."""
+        tokens = self._tokenized.get(prefix)
+        if tokens is None:
+            tokens = self.tokenize(prefix, add_bos=True)
+            if len(self._tokenized) >= 256:
+                self._tokenized.pop(next(iter(self._tokenized)))
+            self._tokenized[prefix] = tokens
+        return list(tokens)
+
     def prepare(self, req: GenerationRequest) -> GenerationRequest:
         """Tokenize and check the request on the caller's thread, so a bad one never waits in line."""
         if req.adapter is not None and req.adapter not in self.adapters:
             raise NotFoundError(f"adapter {req.adapter!r} is not loaded")
-        req.prefix_tokens = self.tokenize(req.prefix, add_bos=True)
+        req.prefix_tokens = self._prefix_tokens(req.prefix)
         req.body_tokens = self.tokenize(req.body, add_bos=False) if req.body else []
         n_prompt = len(req.prefix_tokens) + len(req.body_tokens)
         if n_prompt >= self.n_ctx:

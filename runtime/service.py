@@ -8,7 +8,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from slm_agent.errors import BadRequestError, NotFoundError, SchemaError, SlmAgentError
 from slm_agent.models.manifest import ModelManifest, PromptFormat
@@ -49,6 +49,7 @@ class CallContext:
     agent: str | None = None
     task_header: str | None = None
     deadline_s: float | None = None
+    route: Literal["local", "remote"] | None = None  # the X-SLM-Route override
 
 
 @dataclass

@@ -24,7 +24,6 @@ import os
 import random
 import re
 import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
@@ -34,6 +33,7 @@ from typing import Any, Protocol
 import httpx
 from pydantic import BaseModel, Field
 
+from slm_agent.atomic import write_atomic
 from slm_agent.errors import (
     AuthenticationError,
     BadRequestError,
@@ -472,26 +472,6 @@ class DirectoryTarget:
 
 
 _FULL_ERRNOS = {28, 27, 122}  # ENOSPC, EFBIG, EDQUOT
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """temp file + fsync + rename + fsync(dir): after a crash the file is whole or absent."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def device_token(settings: SyncSettings) -> str | None:

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import click
 
 from slm_agent.errors import SlmAgentError
+from slm_agent.progress import rich_progress
 from slm_agent.runtime.sync import (
-    ProgressFn,
     all_states,
     backlog,
     is_url,
@@ -35,26 +33,6 @@ def _excluded_tasks(settings: Any) -> set[str]:
     from slm_agent.runtime.tasks import TaskRegistry
 
     return {task.name for task in TaskRegistry(settings.tasks_dir).list() if not task.sync}
-
-
-@contextmanager
-def _progress(description: str) -> Iterator[ProgressFn]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        disable=not sys.stderr.isatty(),
-    )
-    task_id = progress.add_task(description, total=None)
-
-    def update(done: int, total: int) -> None:
-        progress.update(task_id, completed=done, total=total)
-
-    with progress:
-        yield update
 
 
 @click.group()
@@ -87,7 +65,7 @@ def push_cmd(target: str | None, exclude: tuple[str, ...], batch_size: int | Non
         sync_settings = sync_settings.model_copy(update={"batch_size": batch_size})
     store = TraceStore(settings.db_path)
     try:
-        with _progress("pushing traces") as on_progress:
+        with rich_progress("pushing traces", unit="items") as on_progress:
             result = push(
                 store,
                 sync_settings,

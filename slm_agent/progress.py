@@ -5,28 +5,33 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Literal
 
 ProgressFn = Callable[[int, int], None]
 """Called with (done, total) units of work."""
 
 
 @contextmanager
-def rich_progress(description: str) -> Iterator[ProgressFn]:
-    """A transient rich progress bar on stderr (silent when stderr is not a terminal)."""
+def rich_progress(description: str, unit: Literal["bytes", "items"] = "bytes") -> Iterator[ProgressFn]:
+    """A rich progress bar on stderr (silent when stderr is not a terminal)."""
     from rich.progress import (
         BarColumn,
         DownloadColumn,
+        MofNCompleteColumn,
         Progress,
+        ProgressColumn,
         TextColumn,
         TimeRemainingColumn,
         TransferSpeedColumn,
     )
 
+    counters: list[ProgressColumn] = (
+        [DownloadColumn(), TransferSpeedColumn()] if unit == "bytes" else [MofNCompleteColumn()]
+    )
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
+        *counters,
         TimeRemainingColumn(),
         disable=not sys.stderr.isatty(),
     )
