@@ -23,16 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from sync_helpers import CollectorProc, fast_fill
 
-from slm_agent.runtime.sync import (
-    CHECKSUM_HEADER,
-    Sanitizer,
-    SyncSettings,
-    _build_batch,
-    encode_batch,
-    push,
-    read_state,
-    store_ids,
-)
+from slm_agent.runtime.scrub import Sanitizer
+from slm_agent.runtime.sync import _build_batch, push, read_state, store_ids
+from slm_agent.runtime.sync_wire import CHECKSUM_HEADER, SyncSettings, encode_batch
 from slm_agent.runtime.traces import TraceStore
 
 DEVICE = "bench-device"

@@ -23,7 +23,8 @@ from slm_agent.errors import (
     NotFoundError,
     SlmAgentError,
 )
-from slm_agent.runtime.sync import CHECKSUM_HEADER, AdapterListing, SyncAck, decode_batch, scan_publish_dir
+from slm_agent.runtime.sync_pull import scan_publish_dir
+from slm_agent.runtime.sync_wire import CHECKSUM_HEADER, AdapterListing, SyncAck, decode_batch
 
 log = logging.getLogger(__name__)
 

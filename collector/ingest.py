@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from slm_agent.collector.catalogue import BatchRecord, Catalogue
 from slm_agent.collector.storage import TraceStorage
 from slm_agent.errors import BadRequestError, SlmAgentError, StorageFullError
-from slm_agent.runtime.sync import BATCH_SUFFIX, SyncAck, SyncBatch, decode_batch
+from slm_agent.runtime.sync_wire import BATCH_SUFFIX, SyncAck, SyncBatch, decode_batch
 from slm_agent.runtime.traces import utcnow
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from slm_agent.atomic import write_atomic
 from slm_agent.errors import ConflictError
 from slm_agent.models.gguf_info import read_info
 from slm_agent.models.hashing import sha256_file
-from slm_agent.runtime.sync import PublishedAdapter
+from slm_agent.runtime.sync_wire import PublishedAdapter
 
 
 def publish_adapter(

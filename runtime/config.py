@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from slm_agent import locations
 from slm_agent.models.bundled import BUNDLED_NAME
 from slm_agent.runtime.remote import RemoteSettings
-from slm_agent.runtime.sync import SyncSettings
+from slm_agent.runtime.sync_wire import SyncSettings
 
 ENV_PREFIX = "SLM_AGENT_"
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import sys
+from types import FrameType
 from typing import Any
 
 import click
+import uvicorn
 from pydantic import ValidationError
 
 from slm_agent.errors import SlmAgentError
@@ -66,8 +68,6 @@ def main(**flags: Any) -> None:
 
 
 def serve(settings: Settings) -> None:
-    import uvicorn
-
     from slm_agent.runtime.api import create_app
 
     config = uvicorn.Config(
@@ -80,7 +80,18 @@ def serve(settings: Settings) -> None:
         lifespan="on",
     )
     log.info("slm-agentd listening on http://%s:%d", settings.host, settings.port)
-    uvicorn.Server(config).run()
+    _Server(config).run()
+
+
+class _Server(uvicorn.Server):
+    """Ends the live event streams on a signal: they never finish by themselves, and uvicorn waits
+    for open responses before it runs the lifespan shutdown that would close them."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        services = getattr(self.config.app.state, "services", None)
+        if services is not None:
+            services.events.close()
+        super().handle_exit(sig, frame)
 
 
 if __name__ == "__main__":

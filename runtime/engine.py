@@ -162,19 +162,11 @@ class Engine:
     def queue_depth(self) -> int:
         return self._queue.qsize() + (1 if self._busy else 0)
 
-    def shutdown(self, drain: bool = True, timeout: float = 60) -> None:
-        """Stop taking requests; finish queued ones when ``drain``, else cancel them."""
+    def shutdown(self, timeout: float = 60) -> None:
+        """Stop taking requests, finish the queued ones, then free the model."""
         if not self._active:
             return
         self._active = False
-        if not drain:
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not None:
-                    item[1].set_exception(UnavailableError("the daemon is shutting down", retry_after_s=5))
         self._queue.put(None)
         if self._worker:
             self._worker.join(timeout)

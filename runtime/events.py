@@ -11,6 +11,7 @@ changes a client re-reads anyway (models, tasks).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -57,14 +58,16 @@ ReplayFn = Callable[[int, int], list[dict[str, Any]]]
 @dataclass(eq=False)  # identity hashing: subscribers live in a set
 class _Subscriber:
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[Event]
+    queue: asyncio.Queue[Event | None]  # None: wake up, the bus closed
     overflowed: bool = False
+    closed: bool = False
 
 
 class EventBus:
     """Thread-safe publisher, asyncio subscribers, bounded ring buffer for resume.
 
     ``store`` (optional) seeds the id high-water mark and replays traces a resuming client missed.
+    ``close()`` ends every subscription, so streams built on them finish and a server can shut down.
     """
 
     def __init__(
@@ -84,6 +87,7 @@ class EventBus:
         self._hw = hw
         self._n = 0
         self.last_id = hw << SEQ_SHIFT
+        self.closed = False
 
     # -- publishing (any thread) ---------------------------------------------------------------------
     def publish(self, kind: str, data: dict[str, Any]) -> Event:
@@ -116,6 +120,18 @@ class EventBus:
         except Exception:  # a monitoring failure must never fail the request that wrote the trace
             log.exception("publishing trace event failed")
 
+    def close(self) -> None:
+        """End every subscription now, and any made later at once; publishing still works.
+
+        Safe from any thread and from a signal handler: it takes no lock (a handler interrupting a
+        thread that holds it would deadlock), relying on the GIL for the flag and the set copy.
+        ``subscribe`` checks the flag after attaching, so no subscriber is missed in between.
+        """
+        self.closed = True
+        for sub in list(self._subscribers):
+            with contextlib.suppress(RuntimeError):  # its loop closed already: nothing waits there
+                sub.loop.call_soon_threadsafe(_close, sub)
+
     # -- subscribing (asyncio) -----------------------------------------------------------------------
     async def subscribe(
         self, last_event_id: int | None = None, *, heartbeat_s: float | None = None
@@ -123,16 +139,19 @@ class EventBus:
         """Events after ``last_event_id`` (or from now when None), then live ones.
 
         With ``heartbeat_s`` it yields None after that many idle seconds, so a transport can send a
-        keep-alive; without it, only events.
+        keep-alive; without it, only events. It returns when the bus is closed.
         """
         loop = asyncio.get_running_loop()
         last = self.last_id if last_event_id is None else last_event_id
-        while True:
+        while not self.closed:
             sub = _Subscriber(loop=loop, queue=asyncio.Queue(maxsize=self.capacity))
             # Attach before reading the backlog so nothing published in between is missed;
             # duplicates are dropped by id below.
             with self._lock:
                 self._subscribers.add(sub)
+                if self.closed:  # closed while attaching: close() may not have seen this one
+                    self._subscribers.discard(sub)
+                    return
                 if last > self.last_id:  # a client of an earlier daemon: same trace seq, fresh counter
                     last = (last >> SEQ_SHIFT) << SEQ_SHIFT
                 backlog = [e for e in self._ring if e.id > last]
@@ -143,14 +162,19 @@ class EventBus:
                     upto = self._hw if first_buffered is None else first_buffered.id >> SEQ_SHIFT
                     if first_buffered is not None and first_buffered.id & _COUNTER_MASK == 0:
                         upto -= 1  # that trace's own event is still buffered
-                    async for event in self._replay_traces(last >> SEQ_SHIFT, upto):
-                        last = event.id
-                        yield event
+                    async with contextlib.aclosing(self._replay_traces(last >> SEQ_SHIFT, upto)) as replay:
+                        async for event in replay:
+                            if sub.closed:
+                                return
+                            last = event.id
+                            yield event
                 for event in backlog:
+                    if sub.closed:
+                        return
                     if event.id > last:
                         last = event.id
                         yield event
-                while not sub.overflowed:
+                while not (sub.overflowed or sub.closed):
                     try:
                         if heartbeat_s is None:
                             event = await sub.queue.get()
@@ -159,12 +183,16 @@ class EventBus:
                     except TimeoutError:
                         yield None
                         continue
+                    if event is None or sub.closed:
+                        return
                     if event.id > last:
                         last = event.id
                         yield event
             finally:
                 with self._lock:
                     self._subscribers.discard(sub)
+            if self.closed:
+                return
             # The subscriber fell a whole buffer behind: resume from its last id like a reconnect.
             log.warning("event subscriber fell behind; resuming from id %d", last)
 
@@ -190,6 +218,12 @@ def _deliver(sub: _Subscriber, event: Event) -> None:
         sub.queue.put_nowait(event)
     except asyncio.QueueFull:
         sub.overflowed = True
+
+
+def _close(sub: _Subscriber) -> None:
+    sub.closed = True
+    with contextlib.suppress(asyncio.QueueFull):  # full: get() is not waiting, and sees ``closed`` next
+        sub.queue.put_nowait(None)  # wake a waiting get()
 
 
 def _max_seq(store: TraceStore) -> int:

@@ -23,6 +23,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from slm_agent.errors import NotFoundError
+from slm_agent.runtime.events import EventBus
 from slm_agent.runtime.traces import JSON_COLUMNS, FeedbackRecord, TraceRecord
 
 Window = Literal["5m", "1h", "24h"]
@@ -469,22 +470,26 @@ async def get_events(
     last_event_id: int | None = Query(None, description="Resume after this event id."),
     last_event_id_header: str | None = Header(None, alias="Last-Event-ID"),
 ) -> StreamingResponse:
-    """Server-sent events; a client that reconnects with Last-Event-ID misses nothing."""
-    bus = request.app.state.services.events
+    """Server-sent events; a client that reconnects with Last-Event-ID misses nothing.
+
+    The stream ends when the client goes away or the daemon closes the bus on its way out.
+    """
+    bus: EventBus = request.app.state.services.events
     resume = last_event_id
     if resume is None and last_event_id_header and last_event_id_header.strip().isdigit():
         resume = int(last_event_id_header.strip())
 
     async def stream() -> AsyncIterator[str]:
         yield f"retry: {SSE_RETRY_MS}\n: connected\n\n"
-        async for event in bus.subscribe(resume, heartbeat_s=SSE_HEARTBEAT_S):
-            if await request.is_disconnected():
-                return
-            if event is None:
-                yield ": heartbeat\n\n"
-                continue
-            yield event.to_sse()
-            await asyncio.sleep(0)
+        async with contextlib.aclosing(bus.subscribe(resume, heartbeat_s=SSE_HEARTBEAT_S)) as events:
+            async for event in events:
+                if await request.is_disconnected():
+                    return
+                if event is None:
+                    yield ": heartbeat\n\n"
+                    continue
+                yield event.to_sse()
+                await asyncio.sleep(0)
 
     return StreamingResponse(
         stream(),

@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-__all__ = ["DEFAULT_KINDS", "Redaction", "Redactor", "StreamRestorer"]
+__all__ = ["DEFAULT_KINDS", "SECRET_SHAPE", "Redaction", "Redactor", "StreamRestorer"]
 
 
 class Redaction(BaseModel):
@@ -160,11 +160,20 @@ def _check_phone(text: str, start: int, end: int) -> int | None:
     return end if 9 <= n <= 12 else None
 
 
-_secret_boundary = _not_after(_WORDISH + "-")
-
-
-def _check_secret(text: str, start: int, end: int) -> int | None:
-    return end if _secret_boundary(text, start) else None
+# Credentials known by their prefix: the one list. The sync scrubber (``runtime/scrub.py``) removes
+# exactly these, so the two cannot drift; the boundaries live in the pattern so its ``sub`` keeps them.
+SECRET_SHAPE = re.compile(
+    r"(?<![A-Za-z0-9_])(?:"
+    r"sk-[A-Za-z0-9_\-]{16,}"  # OpenAI, Anthropic (sk-proj-, sk-ant-)
+    r"|sk_(?:live|test)_[A-Za-z0-9]{16,}"  # Stripe
+    r"|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}"  # GitHub
+    r"|A(?:KIA|SIA)[0-9A-Z]{16}"  # AWS access key id
+    r"|xox[abposr]-[A-Za-z0-9\-]{10,}"  # Slack
+    r"|AIza[0-9A-Za-z_\-]{30,}"  # Google
+    r"|hf_[A-Za-z0-9]{20,}"  # Hugging Face
+    r"|eyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}"  # JWT
+    r")(?![A-Za-z0-9_-])"
+)
 
 
 _token_boundary = _not_after(_WORDISH + "+/=.-")
@@ -263,16 +272,7 @@ def _has_match(pattern: str) -> Callable[[str], bool]:
 
 # Priority order: where two candidates start at the same place, the earlier kind wins.
 DEFAULT_KINDS: tuple[_Kind, ...] = (
-    _Kind(
-        "secret",
-        re.compile(
-            r"[sprgAxe](?:k-(?:proj-|ant-|live-|test-)?[A-Za-z0-9_\-]{16,}|k_(?:live|test)_[A-Za-z0-9]{16,}"
-            r"|h[pousr]_[A-Za-z0-9]{30,}|ithub_pat_[A-Za-z0-9_]{20,}|(?<=A)(?:KIA|SIA)[0-9A-Z]{16}"
-            r"|ox[abposr]-[A-Za-z0-9\-]{10,}|(?<=A)Iza[0-9A-Za-z_\-]{35}"
-            r"|yJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,})(?![\w-])"
-        ),
-        _check_secret,
-    ),
+    _Kind("secret", SECRET_SHAPE),
     # The token only; "Bearer " stays so the remote model still sees what it was.
     _Kind("secret", re.compile(r"(?<=earer )[A-Za-z0-9._~+/\-]{16,}=*"), None, _has("earer ")),
     _Kind("email", _EMAIL, None, _has("@")),

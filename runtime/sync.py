@@ -1,4 +1,4 @@
-"""Sync: device traces to the training box, adapters back to the device.
+"""Push: device traces to the training box, exactly once (pulling adapters back: ``sync_pull``).
 
 Exactly-once delivery rests on three facts:
 
@@ -16,13 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import gzip
 import hashlib
-import json
 import logging
 import os
 import random
-import re
 import sqlite3
 import threading
 import time
@@ -31,208 +28,29 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from slm_agent.atomic import write_atomic
 from slm_agent.errors import (
     AuthenticationError,
     BadRequestError,
-    ModelStoreError,
     SlmAgentError,
     StorageFullError,
     UnavailableError,
 )
+from slm_agent.runtime.scrub import Sanitizer
+from slm_agent.runtime.sync_wire import (
+    BATCH_SUFFIX,
+    CHECKSUM_HEADER,
+    PushResult,
+    SyncAck,
+    SyncBatch,
+    SyncSettings,
+    encode_batch,
+)
 from slm_agent.runtime.traces import FeedbackRecord, TraceRecord, TraceStore, utcnow
 
 log = logging.getLogger(__name__)
-
-DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
-BATCH_SUFFIX = ".json.gz"
-SCHEMA_VERSION = 1
-CHECKSUM_HEADER = "X-Content-SHA256"
-
-
-# -- settings and wire types (the collector imports the same ones) --------------------------------
-class SyncSettings(BaseModel):
-    enabled: bool = Field(False, description="Push traces in the background while slm-agentd runs.")
-    target: str | None = Field(
-        None, description="Collector URL (https://collector:8780) or a directory the collector imports."
-    )
-    interval_s: float = Field(300.0, gt=0, description="Seconds between background pushes.")
-    batch_size: int = Field(500, ge=1, le=20_000, description="Traces (and feedback rows) per batch.")
-    token_env: str = Field(
-        "SLM_AGENT_SYNC_TOKEN", description="Environment variable holding this device's collector token."
-    )
-    device_id: str | None = Field(
-        None,
-        pattern=DEVICE_ID_PATTERN,
-        description="This device's id at the collector; default: one generated and kept in the trace DB.",
-    )
-    timeout_s: float = Field(30.0, gt=0, description="HTTP timeout of one batch.")
-    max_attempts: int = Field(
-        5, ge=1, description="Tries per batch before a push gives up (backoff between)."
-    )
-    backoff_max_s: float = Field(300.0, gt=0, description="Longest wait between background retries.")
-    lock_timeout_s: float = Field(120.0, ge=0, description="How long a push waits for another one to finish.")
-
-
-class SyncBatch(BaseModel):
-    """One batch as sent: rows with seq in (``*_from``, ``*_to``], minus opted-out tasks."""
-
-    batch_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
-    device_id: str = Field(pattern=DEVICE_ID_PATTERN)
-    store_id: str = Field(pattern=r"^[0-9a-f]{16}$")
-    schema_version: int = SCHEMA_VERSION
-    trace_from: int = Field(ge=0)
-    trace_to: int = Field(ge=0)
-    feedback_from: int = Field(ge=0)
-    feedback_to: int = Field(ge=0)
-    traces: list[TraceRecord] = Field(default_factory=list)
-    feedback: list[FeedbackRecord] = Field(default_factory=list)
-
-
-class SyncAck(BaseModel):
-    batch_id: str
-    trace_seq: int = Field(description="Highest trace seq of this store the collector holds.")
-    feedback_seq: int = Field(description="Highest feedback seq of this store the collector holds.")
-    written: int = Field(0, description="Rows this request wrote (0 when the batch was already stored).")
-    duplicate: bool = False
-
-
-class PublishedAdapter(BaseModel):
-    """Manifest of an adapter the training box publishes for devices to pull."""
-
-    name: str
-    file: str
-    sha256: str
-    size: int
-    architecture: str | None = None
-    base_sha256: str | None = Field(None, description="sha256 of the base GGUF it was trained on.")
-    tasks: list[str] = Field(default_factory=list)
-    created_at: str = Field(default_factory=utcnow)
-
-
-class AdapterListing(BaseModel):
-    adapters: list[PublishedAdapter]
-
-
-class PushResult(BaseModel):
-    target: str
-    batches: int = 0
-    traces: int = 0
-    feedback: int = 0
-    skipped: int = Field(0, description="Traces of opted-out tasks, never sent.")
-    duplicates: int = Field(0, description="Batches the target already held (retries after a crash).")
-    trace_seq: int = 0
-    feedback_seq: int = 0
-    pending_traces: int = 0
-    seconds: float = 0.0
-
-
-# -- scrubbing -----------------------------------------------------------------------------------
-_SECRET = "[SECRET]"
-_SECRET_KEYS = re.compile(
-    r"^(authorization|proxy-authorization|x-api-key|api[-_]?key|apikey|access[-_]?token|refresh[-_]?token|"
-    r"id[-_]?token|token|secret|client[-_]?secret|password|passwd|cookie|set-cookie|private[-_]?key)$",
-    re.IGNORECASE,
-)
-# (pattern, keeps its first group): a key or header name stays readable, its value goes.
-_SECRET_PATTERNS: list[tuple[re.Pattern[str], bool]] = [
-    (
-        re.compile(
-            r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|\Z)", re.DOTALL
-        ),
-        False,
-    ),
-    (re.compile(r"(?i)\b((?:proxy-)?authorization\s*[:=]\s*)[^\r\n\"']+"), True),
-    (re.compile(r"(?i)\b((?:bearer|basic|token)\s+)[A-Za-z0-9._~+/=-]{8,}"), True),
-    (
-        re.compile(
-            r"(?i)\b((?:api[-_ ]?key|access[-_ ]?key|secret(?:[-_ ]?key)?|password|passwd|token)"
-            r"[\"']?\s*[:=]\s*[\"']?)"
-            r"[^\s\"',;]{4,}"
-        ),
-        True,
-    ),
-    (re.compile(r"\bsk-[A-Za-z0-9_-]{16,}"), False),
-    (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), False),
-    (re.compile(r"\b(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{20,}|\bgithub_pat_[A-Za-z0-9_]{20,}"), False),
-    (re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"), False),
-    (re.compile(r"\bAIza[0-9A-Za-z_-]{30,}"), False),
-    (re.compile(r"\bhf_[A-Za-z0-9]{20,}"), False),
-    (re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"), False),
-]
-
-
-# One pass to find out whether any pattern can match: most strings hold no secret at all.
-_ANY_SECRET = re.compile(
-    "|".join(
-        f"(?i:{p.pattern.removeprefix('(?i)')})" if p.pattern.startswith("(?i)") else f"(?:{p.pattern})"
-        for p, _ in _SECRET_PATTERNS
-    ),
-    re.DOTALL,
-)
-
-
-def scrub_secrets(value: Any) -> Any:
-    """Replace credentials anywhere in a JSON-like value: by key name, and by shape in text."""
-    if isinstance(value, str):
-        if not _ANY_SECRET.search(value):
-            return value
-        for pattern, keeps_name in _SECRET_PATTERNS:
-            value = pattern.sub(
-                (lambda m: m.group(1) + _SECRET) if keeps_name else (lambda m: _SECRET), value
-            )
-        return value
-    if isinstance(value, dict):
-        return {
-            k: (
-                _SECRET
-                if isinstance(k, str) and _SECRET_KEYS.match(k) and v is not None
-                else scrub_secrets(v)
-            )
-            for k, v in value.items()
-        }
-    if isinstance(value, list):
-        return [scrub_secrets(v) for v in value]
-    return value
-
-
-# Identifiers and times carry no personal data and must survive unchanged (they are the join keys).
-_KEEP_FIELDS = {"id", "seq", "trace_id", "created_at"}
-
-
-class Sanitizer:
-    """Redactor (personal data) then secret scrubber over every field; the mapping is dropped."""
-
-    def __init__(self) -> None:
-        try:
-            from slm_agent.runtime.redact import Redactor
-        except ImportError as exc:
-            # Never ship unredacted traces: without the redactor, sync refuses to run.
-            raise UnavailableError(
-                "the redactor (slm_agent.runtime.redact) is not available: sync refuses to send "
-                "unredacted traces; reinstall slm-agent",
-                code="redactor_missing",
-            ) from exc
-        self._redactor = Redactor()
-
-    def clean(self, row: dict[str, Any]) -> dict[str, Any]:
-        # One mapping per row: the same e-mail in request and response gets the same placeholder,
-        # which training needs; the mapping itself dies with this call.
-        mapping: dict[str, str] = {}
-        out: dict[str, Any] = {}
-        for name, value in row.items():
-            if name in _KEEP_FIELDS or value is None or isinstance(value, bool | int | float):
-                out[name] = value
-                continue
-            value = scrub_secrets(value)
-            if isinstance(value, str):
-                value = self._redactor.redact(value, mapping).text
-            else:
-                value = self._redactor.redact_json(value, mapping)[0]
-            out[name] = value
-        return out
 
 
 # -- device state (trace DB, migration m002) -----------------------------------------------------
@@ -351,36 +169,6 @@ def _build_batch(
         feedback=feedback,
     )
     return batch, len(trace_rows) - len(traces)
-
-
-def encode_batch(batch: SyncBatch, sanitizer: Sanitizer) -> bytes:
-    """The bytes that leave the device: sanitized rows, validated again, JSON, gzip."""
-    body = batch.model_dump(mode="json", exclude={"traces", "feedback"})
-    body["traces"] = [
-        TraceRecord.model_validate(sanitizer.clean(t.model_dump(mode="json"))).model_dump(mode="json")
-        for t in batch.traces
-    ]
-    body["feedback"] = [
-        FeedbackRecord.model_validate(sanitizer.clean(f.model_dump(mode="json"))).model_dump(mode="json")
-        for f in batch.feedback
-    ]
-    return gzip.compress(
-        json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode(), compresslevel=3
-    )
-
-
-def decode_batch(body: bytes) -> SyncBatch:
-    """Inverse of :func:`encode_batch`; a truncated or corrupt body raises BadRequestError."""
-    try:
-        raw = gzip.decompress(body)
-    except (OSError, EOFError) as exc:
-        raise BadRequestError(
-            f"batch body is not complete gzip data ({exc}): resend it", code="corrupt_batch"
-        ) from exc
-    try:
-        return SyncBatch.model_validate_json(raw)
-    except ValueError as exc:
-        raise BadRequestError(f"batch is not a valid SyncBatch: {exc}", code="invalid_batch") from exc
 
 
 # -- targets -------------------------------------------------------------------------------------
@@ -709,150 +497,3 @@ class SyncWorker:
                     log.exception("sync push crashed; next try in %.0fs", delay)
         finally:
             store.close()
-
-
-# -- pull ----------------------------------------------------------------------------------------
-class PullResult(BaseModel):
-    installed: list[str] = Field(default_factory=list)
-    unchanged: list[str] = Field(default_factory=list)
-    rejected: dict[str, str] = Field(default_factory=dict, description="name -> why")
-    loaded: list[str] = Field(default_factory=list, description="Installed adapters the daemon hot-loaded.")
-    daemon_running: bool = False
-
-
-def list_published(
-    source: str, settings: SyncSettings, client: httpx.Client | None = None
-) -> list[PublishedAdapter]:
-    if is_url(source):
-        target = HttpTarget(source, device_token(settings), settings.timeout_s, client)
-        try:
-            return AdapterListing.model_validate_json(target.get("/v1/adapters").content).adapters
-        finally:
-            target.close()
-    return scan_publish_dir(Path(source).expanduser())
-
-
-def scan_publish_dir(root: Path) -> list[PublishedAdapter]:
-    """Adapters laid out as ``<root>/<name>/manifest.json`` next to their GGUF."""
-    adapters = []
-    for path in sorted(root.glob("*/manifest.json")):
-        try:
-            adapters.append(PublishedAdapter.model_validate_json(path.read_text()))
-        except ValueError as exc:
-            log.warning("skipping unreadable adapter manifest %s: %s", path, exc)
-    return adapters
-
-
-def _fetch(
-    source: str, adapter: PublishedAdapter, dest: Path, settings: SyncSettings, client: httpx.Client | None
-) -> None:
-    """Copy the adapter file to ``dest``, checking its sha256 on the way."""
-    digest = hashlib.sha256()
-    with dest.open("wb") as out:
-        for chunk in _chunks(source, adapter, settings, client):
-            digest.update(chunk)
-            out.write(chunk)
-    if digest.hexdigest() != adapter.sha256:
-        raise ModelStoreError(
-            f"adapter {adapter.name}: downloaded file has sha256 {digest.hexdigest()[:12]}…, "
-            "the manifest says "
-            f"{adapter.sha256[:12]}…: refusing it"
-        )
-
-
-def _chunks(
-    source: str, adapter: PublishedAdapter, settings: SyncSettings, client: httpx.Client | None
-) -> Iterator[bytes]:
-    if not is_url(source):
-        with (Path(source).expanduser() / adapter.name / adapter.file).open("rb") as fh:
-            while block := fh.read(1 << 20):
-                yield block
-        return
-    target = HttpTarget(source, device_token(settings), settings.timeout_s, client)
-    try:
-        with target.client.stream("GET", f"{target.url}/v1/adapters/{adapter.name}/file") as response:
-            if response.status_code >= 400:
-                response.read()
-                raise_for_response(response, target.url)
-            yield from response.iter_bytes(1 << 20)
-    except httpx.HTTPError as exc:
-        raise UnavailableError(f"collector {source} unreachable: {exc}", code="target_down") from exc
-    finally:
-        target.close()
-
-
-def pull(
-    source: str,
-    settings: SyncSettings,
-    model_store: Any,
-    base_model: str,
-    *,
-    daemon_url: str | None = None,
-    daemon_token: str | None = None,
-    client: httpx.Client | None = None,
-) -> PullResult:
-    """Install every published adapter that fits ``base_model``; tell a running daemon to load it.
-
-    A rejected artifact (bad checksum, wrong base, name clash) is reported and leaves whatever is
-    installed untouched: the store only ever gains whole, checked adapters.
-    """
-    result = PullResult()
-    base = model_store.get(base_model)
-    incoming = model_store.root / ".incoming"
-    incoming.mkdir(parents=True, exist_ok=True)
-    for adapter in list_published(source, settings, client):
-        try:
-            if model_store.has(adapter.name):
-                current = model_store.get(adapter.name)
-                if current.sha256 == adapter.sha256:
-                    result.unchanged.append(adapter.name)
-                    continue
-                raise ModelStoreError(
-                    f"a different {adapter.name!r} is installed: "
-                    "published adapters must get a new name per version"
-                )
-            if adapter.base_sha256 and adapter.base_sha256 != base.sha256:
-                raise ModelStoreError(
-                    f"{adapter.name} was trained on base {adapter.base_sha256[:12]}…, this device serves "
-                    f"{base.name} ({base.sha256[:12]}…)"
-                )
-            tmp = incoming / f"{adapter.name}.{os.getpid()}.gguf"
-            try:
-                _fetch(source, adapter, tmp, settings, client)
-                model_store.add(
-                    tmp,
-                    name=adapter.name,
-                    base=base.name,
-                    tasks=adapter.tasks,
-                    origin=f"{source.rstrip('/')}/{adapter.name}",
-                    move=True,
-                    expected_sha256=adapter.sha256,
-                )
-            finally:
-                tmp.unlink(missing_ok=True)
-            result.installed.append(adapter.name)
-        except SlmAgentError as exc:
-            log.warning("rejected adapter %s: %s", adapter.name, exc.message)
-            result.rejected[adapter.name] = exc.message
-    if result.installed and daemon_url:
-        result.daemon_running, result.loaded = notify_daemon(daemon_url, daemon_token, result.installed)
-    return result
-
-
-def notify_daemon(daemon_url: str, token: str | None, names: list[str]) -> tuple[bool, list[str]]:
-    """Ask a running slm-agentd to hot-load adapters; (daemon reachable, names it loaded)."""
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    loaded = []
-    with httpx.Client(base_url=daemon_url.rstrip("/"), timeout=60, headers=headers) as client:
-        for name in names:
-            try:
-                response = client.post("/v1/admin/adapters", json={"name": name})
-            except httpx.HTTPError:
-                return False, loaded
-            if response.status_code < 300:
-                loaded.append(name)
-            else:
-                log.warning(
-                    "daemon refused to load %s (%s): %s", name, response.status_code, response.text[:200]
-                )
-    return True, loaded

@@ -15,11 +15,11 @@ from slm_agent.runtime.sync import (
     backlog,
     is_url,
     normalize_target,
-    pull,
     push,
     read_state,
     store_ids,
 )
+from slm_agent.runtime.sync_pull import pull
 
 
 def _settings() -> Any:

@@ -22,12 +22,8 @@ from slm_agent.collector.cli import collector as collector_group
 from slm_agent.collector.ingest import Collector
 from slm_agent.collector.storage import TraceStorage
 from slm_agent.errors import AuthenticationError, StorageFullError
-from slm_agent.runtime.sync import (
-    CHECKSUM_HEADER,
-    SyncSettings,
-    push,
-    read_state,
-)
+from slm_agent.runtime.sync import push, read_state
+from slm_agent.runtime.sync_wire import CHECKSUM_HEADER, SyncSettings
 from slm_agent.runtime.traces import TraceStore
 
 DEVICE = "laptop-1"
@@ -172,7 +168,7 @@ def test_orphan_part_files_are_removed_on_restart_then_rewritten_once(
     token = collector.register(DEVICE)
     monkeypatch.setenv("SLM_AGENT_SYNC_TOKEN", token)
     fill(device, 50)
-    from slm_agent.runtime.sync import decode_batch
+    from slm_agent.runtime.sync_wire import decode_batch
 
     batch = decode_batch(_body(collector, device))
     storage = TraceStorage(str(collector.data))

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
 import pytest
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 
 from slm_agent.runtime import monitor_api as mon
 from slm_agent.runtime.events import SEQ_SHIFT, EventBus
@@ -32,6 +35,43 @@ def store(tmp_path: Path) -> TraceStore:
 
 async def take(it, n: int, timeout: float = 5) -> list:  # type: ignore[no-untyped-def]
     return [await asyncio.wait_for(it.__anext__(), timeout) for _ in range(n)]
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+def monitor_app(store: TraceStore, bus: EventBus) -> FastAPI:
+    """The monitor routes behind an HTTP middleware, as in the daemon."""
+    app = FastAPI()
+    app.state.services = SimpleNamespace(traces=store, events=bus)
+    app.include_router(mon.router)
+
+    @app.middleware("http")
+    async def passthrough(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        return await call_next(request)
+
+    return app
+
+
+@contextlib.asynccontextmanager
+async def serving(app: FastAPI) -> AsyncIterator[str]:
+    """uvicorn on a free loopback port in this loop; yields the base URL."""
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=30)
+    )
+    task = asyncio.ensure_future(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
 
 
 @pytest.mark.anyio
@@ -96,21 +136,12 @@ async def test_resume_after_buffer_overflow_replays_from_db(store: TraceStore) -
 
 @pytest.mark.anyio
 async def test_sse_endpoint_resumes_with_last_event_id(store: TraceStore) -> None:
-    app = FastAPI()
     bus = EventBus(store)
     store.add_listener(bus.publish_trace)
-    app.state.services = SimpleNamespace(traces=store, events=bus)
-    app.include_router(mon.router)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
-    server = uvicorn.Server(config)
-    task = asyncio.ensure_future(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
+    async with serving(monitor_app(store, bus)) as url:
         for _ in range(3):
             store.insert(TraceRecord(endpoint="/x", task="t"))
-        source = DaemonSource(f"http://127.0.0.1:{port}")
+        source = DaemonSource(url)
         source.last_event_id = 1 << SEQ_SHIFT  # saw trace 1 before a drop
         events = source.events()
         got = await take(events, 2)
@@ -121,8 +152,46 @@ async def test_sse_endpoint_resumes_with_last_event_id(store: TraceStore) -> Non
         await events.aclose()  # type: ignore[attr-defined]
         await source.close()
         async with httpx.AsyncClient() as client:
-            r = await client.get(f"http://127.0.0.1:{port}/v1/traces", params={"limit": 2})
+            r = await client.get(f"{url}/v1/traces", params={"limit": 2})
             assert [t["seq"] for t in r.json()["items"]] == [4, 3]
-    finally:
-        server.should_exit = True
-        await task
+
+
+@pytest.mark.anyio
+async def test_close_ends_subscriptions_from_any_thread(store: TraceStore) -> None:
+    bus = EventBus(store)
+    quiet, beating = bus.subscribe(None), bus.subscribe(None, heartbeat_s=0.05)
+    waiting = [asyncio.ensure_future(quiet.__anext__()), asyncio.ensure_future(beating.__anext__())]
+    await until(lambda: bus.subscriber_count == 2)
+    await asyncio.to_thread(bus.close)
+    await asyncio.wait(waiting, timeout=5)
+    assert all(w.done() for w in waiting)
+    assert isinstance(waiting[0].exception(), StopAsyncIteration)
+    # The heartbeat one may have yielded a heartbeat first; then it ends too.
+    if waiting[1].exception() is None:
+        assert waiting[1].result() is None
+        with pytest.raises(StopAsyncIteration):
+            while True:
+                assert await asyncio.wait_for(beating.__anext__(), 5) is None
+    assert bus.subscriber_count == 0
+    assert [e async for e in bus.subscribe(0)] == []  # closed: a new subscription ends at once
+    bus.publish("error", {"message": "publishing still works"})
+
+
+@pytest.mark.anyio
+async def test_event_stream_ends_when_client_leaves_or_bus_closes(store: TraceStore) -> None:
+    bus = EventBus(store)
+    async with serving(monitor_app(store, bus)) as url, httpx.AsyncClient(base_url=url) as client:
+        async with client.stream("GET", "/v1/events") as response:
+            assert await response.aiter_lines().__anext__() == "retry: 2000"
+            await until(lambda: bus.subscriber_count == 1)
+        await until(lambda: bus.subscriber_count == 0)  # the client left: the server's generator ended
+
+        async with client.stream("GET", "/v1/events") as response:
+            lines = response.aiter_lines()
+            assert await lines.__anext__() == "retry: 2000"
+            await until(lambda: bus.subscriber_count == 1)
+            bus.close()
+            rest = [line async for line in lines]  # a clean end, not a dropped connection
+            assert rest[0] == ": connected"
+        start = time.monotonic()
+    assert time.monotonic() - start < 5  # uvicorn had no open response to wait for

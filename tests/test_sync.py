@@ -17,8 +17,10 @@ from sync_helpers import SEEDED, CollectorProc, everything_stored, fill, set_env
 from slm_agent.errors import UnavailableError
 from slm_agent.models import BUNDLED_NAME, ModelStore
 from slm_agent.runtime.config import Settings
-from slm_agent.runtime.sync import SyncSettings, SyncWorker, pull, push, read_state
+from slm_agent.runtime.sync import SyncWorker, push, read_state
 from slm_agent.runtime.sync_cli import sync as sync_group
+from slm_agent.runtime.sync_pull import pull
+from slm_agent.runtime.sync_wire import SyncSettings
 from slm_agent.runtime.traces import TraceStore
 
 DEVICE = "laptop-1"

@@ -35,7 +35,9 @@ def test_a_database_from_the_first_release_is_brought_forward(tmp_path: Path) ->
     db.execute("CREATE TABLE _migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
     MIGRATIONS[0](db)
     db.execute("INSERT INTO _migrations VALUES ('m001_initial', '2026-01-01')")
-    db.execute("INSERT INTO traces (id, created_at, endpoint, status) VALUES ('tr_old', '2026-01-01T00:00:00Z', 'tasks', 200)")
+    db.execute(
+        "INSERT INTO traces (id, created_at, endpoint, status) VALUES ('tr_old', '2026-01-01T00:00:00Z', 'tasks', 200)"
+    )
     db.conn.commit()
     store = TraceStore(path)
     assert store.get("tr_old").endpoint == "tasks"
@@ -83,7 +85,12 @@ def test_traces_cli_and_export(tmp_path: Path) -> None:
     assert runner.invoke(cli, ["traces", "export", "--db", str(db), "-o", str(out)]).exit_code == 0
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ids
     pout = tmp_path / "t.parquet"
-    assert runner.invoke(cli, ["traces", "export", "--db", str(db), "--format", "parquet", "-o", str(pout)]).exit_code == 0
+    assert (
+        runner.invoke(
+            cli, ["traces", "export", "--db", str(db), "--format", "parquet", "-o", str(pout)]
+        ).exit_code
+        == 0
+    )
     assert pq.read_table(pout).num_rows == 3
     stats = runner.invoke(cli, ["traces", "stats", "--db", str(db)])
     assert json.loads(stats.output)["total"] == 3

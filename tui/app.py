@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable
 
@@ -17,6 +18,8 @@ from slm_agent.tui.screens.traces import TracesScreen
 from slm_agent.tui.sources import LiveEvent, Source
 
 log = logging.getLogger(__name__)
+
+LIVE_GROUP = "live"  # the worker group of the event pump, which runs until the app exits
 
 
 class MonitorApp(App[None]):
@@ -41,11 +44,21 @@ class MonitorApp(App[None]):
 
     def on_mount(self) -> None:
         if self.live:
-            self.run_worker(self._pump_events(), name="events", group="events", exclusive=True)
+            self.run_worker(self._pump_events(), name="events", group=LIVE_GROUP, exclusive=True)
 
     async def _pump_events(self) -> None:
         async for event in self.source.events():
             self.live_signal.publish(event)
+
+    async def wait_for_loads(self, poll_s: float = 0.02) -> None:
+        """Wait until the screens' workers are done, never the live event pump.
+
+        ``self.workers.wait_for_complete()`` waits for the pump too, that is forever, and it
+        swallows the cancellation meant to stop it; this one polls, and a timeout
+        (``asyncio.wait_for``) or cancellation stops it.
+        """
+        while any(not w.is_finished for w in self.workers if w.group != LIVE_GROUP):
+            await asyncio.sleep(poll_s)
 
     async def on_unmount(self) -> None:
         await self.source.close()

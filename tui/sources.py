@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 Routing = Literal["local", "remote", "auto"]
 Clock = Callable[[], datetime]
+SSE_RETRY_S = 2.0  # until the daemon says otherwise (its ``retry:`` field)
+# The daemon sends a heartbeat comment when idle; three missed ones mean the connection is dead.
+SSE_TIMEOUT = httpx.Timeout(10, read=3 * mon.SSE_HEARTBEAT_S)
 
 
 class ReadOnlyError(SlmAgentError):
@@ -138,6 +141,7 @@ class DbSource(Source):
         self.clock = clock or (lambda: datetime.now(UTC))
         self.price_per_mtok = price_per_mtok
         self.poll_s = poll_s
+        self.closed = False
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.to_thread(lambda: fn(self.db.conn, *args))
@@ -187,16 +191,19 @@ class DbSource(Source):
         return None
 
     async def events(self) -> AsyncIterator[LiveEvent]:  # type: ignore[override]
-        """Poll max(seq): another process (the daemon) writes the file."""
+        """Poll max(seq): another process (the daemon) writes the file. Ends when the source is closed."""
         last = await self._run(mon.max_seq)
         while True:
             await asyncio.sleep(self.poll_s)
+            if self.closed:
+                return
             page = await self.traces(TraceFilter(limit=200))
             for item in reversed([i for i in page.items if i.seq > last]):
                 last = item.seq
                 yield LiveEvent(id=item.seq << 20, kind="trace", data=item.model_dump())
 
     async def close(self) -> None:
+        self.closed = True
         self.db.close()
 
 
@@ -287,23 +294,34 @@ class DaemonSource(Source):
         await self._request("PATCH", f"/v1/admin/tasks/{task}", json={"routing": routing})
 
     async def events(self) -> AsyncIterator[LiveEvent]:  # type: ignore[override]
-        """The SSE feed, reconnecting with Last-Event-ID so nothing is missed across drops."""
-        retry_s = 2.0
-        while True:
+        """The SSE feed, reconnecting with Last-Event-ID so nothing is missed across drops.
+
+        It runs until the consumer stops iterating (or is cancelled) or the source is closed; a
+        stream the daemon ends (it is shutting down) is a drop like any other.
+        """
+        retry_s = SSE_RETRY_S
+        while not self.client.is_closed:
             headers = {"Last-Event-ID": str(self.last_event_id)} if self.last_event_id is not None else {}
             try:
-                async with self.client.stream("GET", "/v1/events", headers=headers, timeout=None) as response:
+                async with self.client.stream(
+                    "GET", "/v1/events", headers=headers, timeout=SSE_TIMEOUT
+                ) as response:
                     response.raise_for_status()
                     async for event in parse_sse(response.aiter_lines()):
-                        if event.get("retry"):
+                        if event.get("retry", "").isdigit():
                             retry_s = int(event["retry"]) / 1000
                         if "id" not in event or "data" not in event:
                             continue
-                        self.last_event_id = int(event["id"])
                         payload = json.loads(event["data"])
-                        yield LiveEvent(id=self.last_event_id, kind=payload["kind"], data=payload["data"])
-            except (httpx.HTTPError, ValueError) as exc:
+                        live = LiveEvent(id=int(event["id"]), kind=payload["kind"], data=payload["data"])
+                        self.last_event_id = live.id
+                        yield live
+            except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+                if self.client.is_closed:
+                    return
                 log.info("event stream dropped (%s); reconnecting in %.1fs", exc, retry_s)
+            else:
+                log.info("event stream ended; reconnecting in %.1fs", retry_s)
             await asyncio.sleep(retry_s)
 
     async def close(self) -> None:
