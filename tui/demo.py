@@ -14,7 +14,8 @@ TASKS = (
     ("classify_intent", None),
 )
 BASE = "gemma-3-270m-q4_k_m"
-REMOTE_REASONS = ("low_confidence", "invalid_output", "planning", "policy")
+# The router's own reasons (runtime/router.py), so the demo looks like a real daemon.
+REMOTE_REASONS = ("confidence", "validation", "planning", "policy")
 
 
 def demo_trace(rng: random.Random, i: int, at: datetime) -> TraceRecord:
@@ -30,11 +31,11 @@ def demo_trace(rng: random.Random, i: int, at: datetime) -> TraceRecord:
         session_id=f"s{i % 7}",
         agent="demo-agent",
         task=task,
-        model=f"{BASE}+{adapter}" if adapter and not remote else ("gpt-4o-mini" if remote else BASE),
+        model=(f"task:{task}" if not remote else "gpt-4o-mini"),
         base_model=BASE,
         adapter=None if remote else adapter,
         route="remote" if remote else "local",
-        route_reason=rng.choice(REMOTE_REASONS) if remote else ("adapter" if adapter else "default"),
+        route_reason=rng.choice(REMOTE_REASONS) if remote else ("policy" if i % 11 else "offline"),
         request={"messages": [{"role": "user", "content": f"request {i} for {task}: invoice #{1000 + i}"}]},
         response=f'{{"answer": "result {i}"}}' if not error else None,
         prompt_tokens=prompt,
