@@ -6,23 +6,23 @@ State lives on ``app.state.services`` (built in the lifespan), never in module g
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import secrets
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
-from slm_agent.errors import AuthenticationError, BadRequestError, SlmAgentError, UnavailableError
+from slm_agent.errors import BadRequestError, SlmAgentError, UnavailableError
 from slm_agent.models import BUNDLED_NAME, ModelManifest, ModelStore, ensure_bundled, estimate
 from slm_agent.models.memory import ensure_fits
 from slm_agent.runtime import api_errors
+from slm_agent.runtime.agent_api import router as agent_router
+from slm_agent.runtime.agent_runs import AgentRunner
 from slm_agent.runtime.api_types import (
     AdapterLoad,
     ChatCompletionRequest,
@@ -33,16 +33,21 @@ from slm_agent.runtime.api_types import (
 )
 from slm_agent.runtime.config import Settings
 from slm_agent.runtime.engine import Engine, EngineConfig, GenerationResult
+from slm_agent.runtime.escalation import Escalation, Outcome
 from slm_agent.runtime.events import EventBus
+from slm_agent.runtime.guard import Guard
 from slm_agent.runtime.metrics import Metrics
 from slm_agent.runtime.monitor_api import router as monitor_router
+from slm_agent.runtime.remote import RemoteClient
 from slm_agent.runtime.service import CallContext, Job, Service
+from slm_agent.runtime.spans import SpanStore
+from slm_agent.runtime.sse import DONE, sse
 from slm_agent.runtime.tasks import TaskRegistry
 from slm_agent.runtime.traces import Feedback, TraceRecord, TraceStore
 
 log = logging.getLogger(__name__)
 
-PUBLIC_PATHS = {"/healthz"}
+T = TypeVar("T")
 
 
 @dataclass
@@ -56,6 +61,9 @@ class Services:
     service: Service
     metrics: Metrics
     events: EventBus
+    remote: RemoteClient | None
+    escalation: Escalation
+    runs: AgentRunner
     load_error: str | None = None
 
 
@@ -103,7 +111,18 @@ def build_services(settings: Settings) -> Services:
     events = EventBus(traces)
     traces.add_listener(events.publish_trace)
     service = Service(settings, store, base, engine, tasks, traces)
-    return Services(settings, store, base, engine, tasks, traces, service, metrics, events)
+    # No provider configured: no client, and every remote route is answered locally ("offline").
+    remote = RemoteClient(settings.remote) if settings.remote.providers else None
+    escalation = Escalation(service, remote, events.publish)
+    runs = AgentRunner(
+        escalation,
+        SpanStore(settings.db_path),
+        events.publish,
+        lambda job: asyncio.wrap_future(engine.submit(job.gen)),
+    )
+    return Services(
+        settings, store, base, engine, tasks, traces, service, metrics, events, remote, escalation, runs
+    )
 
 
 def _adapter_names(settings: Settings, tasks: TaskRegistry) -> list[str]:
@@ -141,32 +160,26 @@ def create_app(settings: Settings) -> FastAPI:
         yield
         # uvicorn has already waited for in-flight requests; finish what is queued, then close.
         await asyncio.to_thread(loader.join)
-        await asyncio.to_thread(services.engine.shutdown, True)
+        await asyncio.to_thread(services.engine.shutdown)
         if sync_worker:
             await asyncio.to_thread(sync_worker.stop)
+        if services.remote is not None:
+            await services.remote.aclose()
+        services.runs.spans.close()
         services.traces.close()
 
     app = FastAPI(title="slm-agentd", version="0.1.0", lifespan=lifespan)
     api_errors.install(app)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable[[Request], Any]) -> Response:
-        if settings.token and request.url.path not in PUBLIC_PATHS:
-            header = request.headers.get("authorization", "")
-            given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
-            if not secrets.compare_digest(given.encode(), settings.token.get_secret_value().encode()):
-                return api_errors.error_response(
-                    AuthenticationError("missing or wrong bearer token: send 'Authorization: Bearer <token>'")
-                )
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_request_bytes:
-            return api_errors.error_response(
-                _TooLarge(f"the request body is {length} bytes; the limit is {settings.max_request_bytes}")
-            )
-        return await call_next(request)
+    app.add_middleware(
+        Guard,
+        token=settings.token.get_secret_value() if settings.token else None,
+        max_request_bytes=settings.max_request_bytes,
+    )
 
     app.include_router(router)
     app.include_router(monitor_router)
+    app.include_router(agent_router)
     return app
 
 
@@ -183,11 +196,6 @@ def _start_sync(services: Services) -> Any:
     )
     worker.start()
     return worker
-
-
-class _TooLarge(BadRequestError):
-    status_code = 413
-    code = "request_too_large"
 
 
 router = APIRouter()
@@ -209,7 +217,11 @@ def ready_services(request: Request) -> Services:
 
 def call_context(request: Request) -> CallContext:
     deadline_ms = request.headers.get("x-slm-deadline-ms")
+    route = request.headers.get("x-slm-route")
+    if route is not None and route not in ("local", "remote"):
+        raise BadRequestError(f"X-SLM-Route must be 'local' or 'remote', not {route!r}", param="X-SLM-Route")
     return CallContext(
+        route=route,  # type: ignore[arg-type]  # checked just above
         client=request.client.host if request.client else None,
         session_id=request.headers.get("x-slm-session"),
         agent=request.headers.get("x-slm-agent"),
@@ -258,8 +270,8 @@ async def list_models(request: Request) -> ModelList:
 
 # -- generation --------------------------------------------------------------------------------------
 def _prepare(
-    services: Services, endpoint: str, ctx: CallContext, model: str | None, raw: Any, build: Callable[[], Job]
-) -> Job:
+    services: Services, endpoint: str, ctx: CallContext, model: str | None, raw: Any, build: Callable[[], T]
+) -> T:
     try:
         return build()
     except SlmAgentError as exc:
@@ -299,18 +311,31 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Res
     services = ready_services(request)
     ctx = call_context(request)
     raw = [m.model_dump(exclude_none=True) for m in body.messages]
-    job = _prepare(
-        services, "chat.completions", ctx, body.model, raw, lambda: services.service.chat_job(body, ctx)
+    escalation = services.escalation
+    routed = _prepare(
+        services, "chat.completions", ctx, body.model, raw, lambda: escalation.route_chat(body, ctx)
     )
-    if body.stream:
+    outcome = await escalation.chat(routed, lambda job: _run(request, services, job))
+    if outcome.local_stream is not None:
         return _stream(
             request,
             services,
-            job,
+            outcome.local_stream,
             chat=True,
             include_usage=bool((body.stream_options or {}).get("include_usage")),
         )
-    return await _complete(request, services, job, services.service.chat_response)
+    return _respond(outcome)
+
+
+def _respond(outcome: Outcome) -> Response:
+    headers = route_headers(outcome.trace)
+    if outcome.stream is not None:
+        return StreamingResponse(
+            outcome.stream, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"}
+        )
+    if outcome.body is None:
+        return Response(status_code=outcome.status, headers=headers)
+    return JSONResponse(outcome.body, status_code=outcome.status, headers=headers)
 
 
 @router.post("/v1/completions", response_model=None)
@@ -325,6 +350,7 @@ async def completions(request: Request, body: CompletionRequest) -> Response:
         body.prompt,
         lambda: services.service.completion_job(body, ctx),
     )
+    services.escalation.local_only(job, ctx)
     if body.stream:
         return _stream(
             request,
@@ -340,14 +366,12 @@ async def completions(request: Request, body: CompletionRequest) -> Response:
 async def run_task(request: Request, name: str, body: TaskRequest) -> Response:
     services = ready_services(request)
     ctx = call_context(request)
-    job = _prepare(
-        services, "tasks", ctx, f"task:{name}", body.input, lambda: services.service.task_job(name, body, ctx)
+    escalation = services.escalation
+    routed = _prepare(
+        services, "tasks", ctx, f"task:{name}", body.input, lambda: escalation.route_task(name, body, ctx)
     )
-    return await _complete(request, services, job, services.service.task_response)
-
-
-def _sse(data: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
+    outcome = await escalation.task(routed, lambda job: _run(request, services, job))
+    return _respond(outcome)
 
 
 def _stream(
@@ -387,16 +411,16 @@ def _stream(
         result: GenerationResult | None = None
         try:
             if chat:
-                yield _sse(chunk({"role": "assistant", "content": ""}))
+                yield sse(chunk({"role": "assistant", "content": ""}))
             while not waiter.done():
                 getter = asyncio.ensure_future(pieces.get())
                 await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
-                    yield _sse(text_chunk(getter.result()))
+                    yield sse(text_chunk(getter.result()))
                 else:
                     getter.cancel()
             while not pieces.empty():
-                yield _sse(text_chunk(pieces.get_nowait()))
+                yield sse(text_chunk(pieces.get_nowait()))
             result = waiter.result()
             finish = "length" if result.finish_reason == "length" else "stop"
             if chat:
@@ -404,7 +428,7 @@ def _stream(
                 if tool_calls:
                     finish = "tool_calls"
                     calls = [{"index": i, **c.model_dump()} for i, c in enumerate(tool_calls)]
-                    yield _sse(chunk({"tool_calls": calls}))
+                    yield sse(chunk({"tool_calls": calls}))
                 service.record(
                     job,
                     result,
@@ -415,18 +439,18 @@ def _stream(
             else:
                 service.record(job, result, response_text=result.text)
             # The trace is committed; only now do the last bytes go out.
-            yield _sse(chunk({} if chat else "", finish))
+            yield sse(chunk({} if chat else "", finish))
             if include_usage:
                 from slm_agent.runtime.service import usage
 
-                yield _sse({**chunk({} if chat else ""), "choices": [], "usage": usage(result).model_dump()})
-            yield b"data: [DONE]\n\n"
+                yield sse({**chunk({} if chat else ""), "choices": [], "usage": usage(result).model_dump()})
+            yield DONE
             finished = True
         except SlmAgentError as exc:
             service.record(job, result, response_text=result.text if result else None, error=exc)
             finished = True
-            yield _sse(api_errors.error_body(exc.message, exc.error_type, exc.param, exc.code))
-            yield b"data: [DONE]\n\n"
+            yield sse(api_errors.error_body(exc.message, exc.error_type, exc.param, exc.code))
+            yield DONE
         finally:
             if not finished:
                 # The client went away mid-stream: stop generating, keep the trace of what was said.

@@ -7,11 +7,13 @@ the same message.
     SlmAgentError
     ├── BadRequestError            400 invalid_request_error
     │   ├── ContextOverflowError   413 prompt longer than the context window
+    │   ├── RequestTooLargeError   413 request body over the configured limit
     │   └── SchemaError            422 invalid or unsatisfiable JSON schema / task output
     ├── AuthenticationError        401
     ├── ForbiddenError             403 a token used for another device
     ├── NotFoundError              404 unknown model, adapter, task or trace
     ├── ConflictError              409 name already taken
+    ├── RunLimitError              409 an agent run hit its step, time or cost limit
     ├── QueueFullError             429 engine queue full (Retry-After)
     ├── BudgetExceededError        402 remote budget spent
     ├── ModelStoreError            400 not GGUF, truncated, wrong architecture, checksum
@@ -49,6 +51,11 @@ class ContextOverflowError(BadRequestError):
     code = "context_length_exceeded"
 
 
+class RequestTooLargeError(BadRequestError):
+    status_code = 413
+    code = "request_too_large"
+
+
 class SchemaError(BadRequestError):
     status_code = 422
     code = "invalid_schema"
@@ -76,6 +83,12 @@ class ConflictError(SlmAgentError):
     status_code = 409
     error_type = "invalid_request_error"
     code = "conflict"
+
+
+class RunLimitError(SlmAgentError):
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "run_limit"
 
 
 class QueueFullError(SlmAgentError):

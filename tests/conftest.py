@@ -17,6 +17,9 @@ import pytest
 
 from slm_agent.models import BUNDLED_NAME, ModelManifest, ModelStore, ensure_bundled
 
+# The remote LLM (llama-cpp-python's server) and the fault server, for every test module.
+pytest_plugins = ["remote_fixtures"]
+
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
