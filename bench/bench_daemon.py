@@ -26,7 +26,9 @@ THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 ROWS: list[tuple[str, str, str, str, str]] = []
 
 
-def row(name: str, value: float, anchor: float | None, ratio: float | None, target: str, fmt: str = "{:.2f}") -> None:
+def row(
+    name: str, value: float, anchor: float | None, ratio: float | None, target: str, fmt: str = "{:.2f}"
+) -> None:
     ROWS.append(
         (
             name,
@@ -145,7 +147,9 @@ def make_adapters(model: Path, folder: Path, n: int) -> list[Path]:
 
     targets = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
     return [
-        make_lora(folder / f"bench-lora{i}.gguf", model, seed=i, rank=8, layers=tuple(range(18)), targets=targets)
+        make_lora(
+            folder / f"bench-lora{i}.gguf", model, seed=i, rank=8, layers=tuple(range(18)), targets=targets
+        )
         for i in range(n)
     ]
 
@@ -185,7 +189,14 @@ def p3(store: Path, home: Path, adapters: list[Path]) -> None:
     time.sleep(0.5)
     ad_rss = with_adapters.rss_mb()
     with_adapters.stop()
-    row("P3 RSS base + 4 rank-8 adapters (MB) vs base alone", ad_rss, base_rss, ad_rss / base_rss, "<= 1.15x", "{:.0f}")
+    row(
+        "P3 RSS base + 4 rank-8 adapters (MB) vs base alone",
+        ad_rss,
+        base_rss,
+        ad_rss / base_rss,
+        "<= 1.15x",
+        "{:.0f}",
+    )
     row("P3 idle daemon RSS (MB)", base_rss, None, None, "<= 500 MB", "{:.0f}")
 
 
@@ -201,9 +212,13 @@ def task_ttfts(url: str, calls: list[tuple[str, str]]) -> list[tuple[str, float]
 
 
 def p4(store: Path, home: Path) -> None:
-    inputs = [f"Hello, this is person {i} from Company {i} in City {i}, mail p{i}@c{i}.example" for i in range(6)]
+    inputs = [
+        f"Hello, this is person {i} from Company {i} in City {i}, mail p{i}@c{i}.example" for i in range(6)
+    ]
     alternating = [("extract", t) for t in inputs]
-    alternating = [c for pair in zip(alternating, [("classify", "refund my order")] * 6, strict=True) for c in pair]
+    alternating = [
+        c for pair in zip(alternating, [("classify", "refund my order")] * 6, strict=True) for c in pair
+    ]
     cold_daemon = Daemon(home / "p4a", store, SLM_AGENT_PREFIX_CACHE_SIZE="0")
     cold_daemon.first_answer_s()
     cold = [ms for task, ms in task_ttfts(cold_daemon.url, alternating) if task == "extract"]
@@ -214,8 +229,20 @@ def p4(store: Path, home: Path) -> None:
     kv = [ms for _, ms in task_ttfts(warm_daemon.url, alternating[::2])][1:]
     warm_daemon.stop()
     c = statistics.median(cold)
-    row("P4 task TTFT, prefix state restored (ms) vs cold", statistics.median(state), c, statistics.median(state) / c, "<= 0.3x")
-    row("P4 task TTFT, prefix resident in KV (ms) vs cold", statistics.median(kv), c, statistics.median(kv) / c, "<= 0.3x")
+    row(
+        "P4 task TTFT, prefix state restored (ms) vs cold",
+        statistics.median(state),
+        c,
+        statistics.median(state) / c,
+        "<= 0.3x",
+    )
+    row(
+        "P4 task TTFT, prefix resident in KV (ms) vs cold",
+        statistics.median(kv),
+        c,
+        statistics.median(kv) / c,
+        "<= 0.3x",
+    )
 
 
 # -- P5: start to first answer ----------------------------------------------------------------------
@@ -252,7 +279,14 @@ def p6(store: Path, home: Path) -> None:
         t3 = time.perf_counter()
         overhead.append(((t1 - t0) + (t3 - t2)) * 1000)
     services.engine.shutdown()
-    row("P6 routing + prompt + trace overhead per request, p95 (ms)", pct(overhead, 0.95), None, None, "<= 2 ms", "{:.3f}")
+    row(
+        "P6 routing + prompt + trace overhead per request, p95 (ms)",
+        pct(overhead, 0.95),
+        None,
+        None,
+        "<= 2 ms",
+        "{:.3f}",
+    )
 
 
 def main() -> None:

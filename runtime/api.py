@@ -193,6 +193,7 @@ def _start_sync(services: Services) -> Any:
         services.settings.sync,
         services.settings.db_path,
         excluded_tasks=lambda: {t.name for t in services.tasks.list() if not t.sync},
+        busy=services.engine.serving,
     )
     worker.start()
     return worker

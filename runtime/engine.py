@@ -129,6 +129,7 @@ class Engine:
         self._prefixes = PrefixCache(config.prefix_cache_size)
         self._ewma_request_s = 1.0
         self._tokenized: dict[str, list[int]] = {}
+        self._last_finished = float("-inf")
 
     # -- lifecycle -------------------------------------------------------------------------------
     def load(self) -> None:
@@ -161,6 +162,10 @@ class Engine:
     @property
     def queue_depth(self) -> int:
         return self._queue.qsize() + (1 if self._busy else 0)
+
+    def serving(self, within_s: float = 2.0) -> bool:
+        """True while requests run or wait, or one finished in the last ``within_s`` seconds."""
+        return self.queue_depth > 0 or time.monotonic() - self._last_finished < within_s
 
     def shutdown(self, timeout: float = 60) -> None:
         """Stop taking requests, finish the queued ones, then free the model."""
@@ -298,6 +303,7 @@ class Engine:
                 future.set_exception(exc)
             finally:
                 self._busy = False
+                self._last_finished = time.monotonic()
 
     def _adapter_key(self) -> str:
         name, scale = self._current_adapter

@@ -285,21 +285,20 @@ def push(
     excluded_tasks: Collection[str] = frozenset(),
     max_batches: int | None = None,
     client: httpx.Client | None = None,
-    pause_s: float = 0.0,
+    pause: Callable[[float], None] | None = None,
 ) -> PushResult:
     """Send every trace and feedback row past the target's cursor, batch by batch.
 
     Each batch is retried with backoff (``settings.max_attempts``); the cursor moves only on an
-    acknowledgement, so stopping at any moment loses nothing and repeats nothing.
+    acknowledgement, so stopping at any moment loses nothing and repeats nothing. ``pause`` is
+    called after each batch with the seconds it took, so a caller can throttle the push.
     """
     target = target or settings.target
     if not target:
         raise BadRequestError("no sync target: pass --to URL|DIR or set [sync] target in the config")
     target = normalize_target(target)
     with _push_lock(store, settings.lock_timeout_s):
-        return _push_locked(
-            store, settings, target, on_progress, excluded_tasks, max_batches, client, pause_s
-        )
+        return _push_locked(store, settings, target, on_progress, excluded_tasks, max_batches, client, pause)
 
 
 @contextlib.contextmanager
@@ -333,7 +332,7 @@ def _push_locked(
     excluded_tasks: Collection[str],
     max_batches: int | None,
     client: httpx.Client | None,
-    pause_s: float,
+    pause: Callable[[float], None] | None,
 ) -> PushResult:
     started = time.monotonic()
     device_id, store_id = store_ids(store, settings)
@@ -344,6 +343,7 @@ def _push_locked(
     sink = open_target(target, settings, client)
     try:
         while max_batches is None or result.batches < max_batches:
+            batch_started = time.perf_counter()
             state = read_state(store, target)
             built = _build_batch(store, state, device_id, store_id, settings.batch_size, excluded_tasks)
             if built is None:
@@ -377,8 +377,8 @@ def _push_locked(
             result.trace_seq, result.feedback_seq = batch.trace_to, batch.feedback_to
             if on_progress:
                 on_progress(result.traces + result.skipped, total)
-            if pause_s:
-                time.sleep(pause_s)
+            if pause:
+                pause(time.perf_counter() - batch_started)
     finally:
         sink.close()
     result.pending_traces = backlog(store, read_state(store, target))
@@ -423,9 +423,12 @@ def _send_with_retry(
 
 # -- background worker ---------------------------------------------------------------------------
 class SyncWorker:
-    """Pushes in a daemon thread on its own SQLite connection, in small batches with pauses.
+    """Pushes in a daemon thread on its own SQLite connection, one batch at a time.
 
-    Failures back off exponentially (up to ``backoff_max_s``); the daemon never waits on it.
+    While the daemon serves (``busy()``), the worker rests after each batch so that it takes at most
+    ``max_share`` of the time: sanitizing is CPU work in this process, and requests come first.
+    When the daemon is idle it drains the backlog at full speed. Failures back off exponentially
+    (up to ``backoff_max_s``); the daemon never waits on it.
     """
 
     def __init__(
@@ -434,12 +437,14 @@ class SyncWorker:
         db_path: Path,
         *,
         excluded_tasks: Callable[[], Collection[str]] | Collection[str] = frozenset(),
-        pause_s: float = 0.05,
+        busy: Callable[[], bool] = lambda: False,
+        max_share: float = 0.03,
     ) -> None:
         self.settings = settings
         self.db_path = Path(db_path)
         self._excluded = excluded_tasks
-        self.pause_s = pause_s
+        self._busy = busy
+        self.max_share = max_share
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -464,6 +469,10 @@ class SyncWorker:
         """Push now instead of at the next interval."""
         self._wake.set()
 
+    def _rest(self, spent_s: float) -> None:
+        if self._busy():
+            self._stop.wait(spent_s * (1 / self.max_share - 1))
+
     def _excluded_now(self) -> Collection[str]:
         return self._excluded() if callable(self._excluded) else self._excluded
 
@@ -482,7 +491,7 @@ class SyncWorker:
                         store,
                         self.settings,
                         excluded_tasks=self._excluded_now(),
-                        pause_s=self.pause_s,
+                        pause=self._rest,
                         max_batches=1000,
                     )
                     self.last_error, failures, delay = None, 0, self.settings.interval_s

@@ -47,3 +47,18 @@ def test_ci_runs_the_readme_test_command() -> None:
     command = re.search(r"^python3 -m venv .*pytest$", ci, re.M)
     assert command, ".ci/run has no test command line"
     assert command.group(0) in README
+
+
+def test_readme_config_examples_load() -> None:
+    """The TOML snippets in README.md are valid settings and task files."""
+    import tomllib
+
+    from slm_agent.runtime.config import Settings
+    from slm_agent.runtime.tasks import parse_task
+
+    blocks = re.findall(r"```toml\n(.*?)```", README, re.S)
+    remote = next(b for b in blocks if b.startswith("[remote]"))
+    settings = Settings.model_validate(tomllib.loads(remote))
+    assert settings.remote.providers[0].api_key_env == "OPENAI_API_KEY"
+    task = next(b for b in blocks if "# summarize.toml" in b)
+    assert parse_task({"name": "summarize", **tomllib.loads(task)}, "README").routing == "auto"

@@ -198,7 +198,7 @@ def test_worker_delivers_once_the_collector_comes_up(collector, home_store, monk
     settings = _settings(
         enabled=True, target=collector.url, interval_s=0.5, batch_size=25, max_attempts=1, backoff_max_s=0.5
     )
-    worker = SyncWorker(settings, home_store.path, excluded_tasks=lambda: {"private"}, pause_s=0.0)
+    worker = SyncWorker(settings, home_store.path, excluded_tasks=lambda: {"private"})
     worker.start()
     try:
         time.sleep(0.5)
@@ -291,3 +291,15 @@ def test_pull_installs_checked_adapters_and_rejects_bad_ones(
     other = ModelStore(tmp_path / "second-device")
     other.add(base_path, name=BUNDLED_NAME, expected_sha256=bundled.sha256)
     assert pull(str(published), _settings(), other, BUNDLED_NAME).installed == ["extract-v1"]
+
+
+def test_worker_yields_to_requests_while_the_daemon_serves(tmp_path: Path) -> None:
+    """After each batch the worker rests long enough to stay under max_share of the time."""
+    serving = SyncWorker(SyncSettings(), tmp_path / "t.db", busy=lambda: True, max_share=0.25)
+    started = time.monotonic()
+    serving._rest(0.1)
+    assert 0.29 <= time.monotonic() - started < 1.0
+    idle = SyncWorker(SyncSettings(), tmp_path / "t.db", busy=lambda: False)
+    started = time.monotonic()
+    idle._rest(0.1)
+    assert time.monotonic() - started < 0.05
