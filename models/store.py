@@ -9,6 +9,7 @@ that looks whole.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import shutil
@@ -64,7 +65,7 @@ class ModelStore:
         *,
         name: str | None = None,
         base: str | None = None,
-        tasks: list[str] | None = None,
+        tasks: builtins.list[str] | None = None,
         prompt_format: PromptFormat | None = None,
         origin: str | None = None,
         move: bool = False,

@@ -47,6 +47,12 @@ class SamplingFields(_Lenient):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     logprobs: bool | None = None
+    adapter_scale: float | None = Field(
+        None,
+        ge=0,
+        le=4,
+        description="slm-agent extension: LoRA scale for this request (default: the task's, or 1).",
+    )
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import uvicorn
@@ -16,6 +16,9 @@ from slm_agent.models import BUNDLED_NAME, ModelStore, ensure_bundled
 from slm_agent.progress import rich_progress
 from slm_agent.runtime.api import resolve_base
 from slm_agent.runtime.config import Settings, load_settings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 log = logging.getLogger("slm_agent.daemon")
 
@@ -70,8 +73,9 @@ def main(**flags: Any) -> None:
 def serve(settings: Settings) -> None:
     from slm_agent.runtime.api import create_app
 
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
@@ -80,15 +84,19 @@ def serve(settings: Settings) -> None:
         lifespan="on",
     )
     log.info("slm-agentd listening on http://%s:%d", settings.host, settings.port)
-    _Server(config).run()
+    _Server(config, app).run()
 
 
 class _Server(uvicorn.Server):
     """Ends the live event streams on a signal: they never finish by themselves, and uvicorn waits
     for open responses before it runs the lifespan shutdown that would close them."""
 
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self._app = app  # config.app is typed as any ASGI app or import string; this one has state
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        services = getattr(self.config.app.state, "services", None)
+        services = getattr(self._app.state, "services", None)
         if services is not None:
             services.events.close()
         super().handle_exit(sig, frame)

@@ -16,7 +16,7 @@ import json
 import logging
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -177,17 +177,17 @@ class EventBus:
                 while not (sub.overflowed or sub.closed):
                     try:
                         if heartbeat_s is None:
-                            event = await sub.queue.get()
+                            queued = await sub.queue.get()
                         else:
-                            event = await asyncio.wait_for(sub.queue.get(), heartbeat_s)
+                            queued = await asyncio.wait_for(sub.queue.get(), heartbeat_s)
                     except TimeoutError:
                         yield None
                         continue
-                    if event is None or sub.closed:
+                    if queued is None or sub.closed:
                         return
-                    if event.id > last:
-                        last = event.id
-                        yield event
+                    if queued.id > last:
+                        last = queued.id
+                        yield queued
             finally:
                 with self._lock:
                     self._subscribers.discard(sub)
@@ -196,7 +196,7 @@ class EventBus:
             # The subscriber fell a whole buffer behind: resume from its last id like a reconnect.
             log.warning("event subscriber fell behind; resuming from id %d", last)
 
-    async def _replay_traces(self, after_seq: int, upto_seq: int) -> AsyncIterator[Event]:
+    async def _replay_traces(self, after_seq: int, upto_seq: int) -> AsyncGenerator[Event, None]:
         assert self._replay is not None
         while after_seq < upto_seq:
             rows = await asyncio.to_thread(self._replay, after_seq, 500)

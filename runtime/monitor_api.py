@@ -343,7 +343,8 @@ _SUMMARY_COLUMNS = ", ".join(TraceSummary.model_fields)
 
 def query_traces(conn: sqlite3.Connection, f: TraceFilter) -> TracePage:
     """Newest first, keyset-paged by seq: each page is one index range scan, whatever the table size."""
-    where, params = ["1=1"], []
+    where: list[str] = ["1=1"]
+    params: list[int | str] = []
     if f.before_seq is not None:
         where.append("seq < ?")
         params.append(f.before_seq)

@@ -350,18 +350,20 @@ class Redactor:
         for priority, kind in enumerate(self._kinds):
             if kind.gate is not None and not kind.gate(text):
                 continue
-            if kind.numeric:
+            pattern = kind.pattern
+            if not isinstance(pattern, re.Pattern):
+                # The finders scan the whole text; only regex kinds are numeric.
+                candidates = pattern.finditer(text)
+            elif kind.numeric:
                 if runs is None:
                     runs = [
                         m.span()
                         for m in _NUMERIC_RUN.finditer(text)
                         if m.end() - m.start() >= _MIN_NUMERIC_RUN
                     ]
-                candidates = [m.span() for s, e in runs for m in kind.pattern.finditer(text, s, e)]  # type: ignore[union-attr]
-            elif isinstance(kind.pattern, re.Pattern):
-                candidates = [m.span() for m in kind.pattern.finditer(text)]
+                candidates = [m.span() for s, e in runs for m in pattern.finditer(text, s, e)]
             else:
-                candidates = kind.pattern.finditer(text)
+                candidates = [m.span() for m in pattern.finditer(text)]
             check = kind.check
             for start, end in candidates:
                 if check is not None:

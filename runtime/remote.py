@@ -25,7 +25,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, Literal
@@ -634,7 +634,7 @@ class RemoteStream:
     def close(self) -> None:
         self._iter.close()
 
-    def _run(self) -> Iterator[dict[str, Any]]:
+    def _run(self) -> Generator[dict[str, Any], None, None]:
         call, client = self._call, self._client
         response = client._send(call)
         parser, chunks = _SseParser(), 0
@@ -678,7 +678,7 @@ class AsyncRemoteStream:
     async def aclose(self) -> None:
         await self._iter.aclose()
 
-    async def _run(self) -> AsyncIterator[dict[str, Any]]:
+    async def _run(self) -> AsyncGenerator[dict[str, Any], None]:
         call, client = self._call, self._client
         response = await client._asend(call)
         parser, chunks = _SseParser(), 0

@@ -140,7 +140,7 @@ def pull(
 def notify_daemon(daemon_url: str, token: str | None, names: list[str]) -> tuple[bool, list[str]]:
     """Ask a running slm-agentd to hot-load adapters; (daemon reachable, names it loaded)."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    loaded = []
+    loaded: list[str] = []
     with httpx.Client(base_url=daemon_url.rstrip("/"), timeout=60, headers=headers) as client:
         for name in names:
             try:

@@ -372,6 +372,10 @@ def test_adapters_hot_load_switch_and_unload(daemon: Daemon, model_path: Path, t
         again = http.post("/v1/chat/completions", json={**body, "model": BUNDLED_NAME}).json()
         texts = [r["choices"][0]["message"]["content"] for r in (base, one, two, again)]
         assert texts[0] == texts[3] and len(set(texts[:3])) == 3
+        unscaled = http.post(
+            "/v1/chat/completions", json={**body, "model": "api-lora1", "adapter_scale": 0}
+        ).json()
+        assert unscaled["choices"][0]["message"]["content"] == texts[0]  # scale 0 is the base model
         assert trace(daemon, one["id"])["adapter"] == "api-lora1"
         models = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
         assert models["api-lora1"]["kind"] == "adapter" and models["api-lora1"]["loaded"]

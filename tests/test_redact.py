@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from slm_agent.runtime.redact import Redaction, Redactor, StreamRestorer
@@ -129,20 +127,3 @@ def test_redaction_is_a_pydantic_model(redactor: Redactor) -> None:
     red = redactor.redact("x@y.org")
     assert isinstance(red, Redaction)
     assert Redaction.model_validate(red.model_dump()) == red
-
-
-def test_fast_enough_for_a_2kb_message(redactor: Redactor) -> None:
-    message = (
-        "Hi team, please update the ticket for customer Jane (jane.roe@corp.example, +1 415-555-0100). "
-        "The invoice #88213 of 2024-03-02 was $1,240.50; refund to IBAN GB82 WEST 1234 5698 7654 32. "
-        "The server at 10.0.3.17 returned an error, see the logs from 09:14 onwards. Thanks! "
-    ) * 8
-    message = message[:2048]
-    redactor.redact(message)
-    runs = 300
-    start = time.perf_counter()
-    for _ in range(runs):
-        redactor.redact(message)
-    per_call_ms = (time.perf_counter() - start) / runs * 1000
-    # The target is 0.5 ms; the slack absorbs a busy shared CI machine.
-    assert per_call_ms < 1.5, f"{per_call_ms:.3f} ms per 2 KB message"

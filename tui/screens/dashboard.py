@@ -129,5 +129,7 @@ class DashboardScreen(Screen[None]):
         plt.plot(xs, fmt.series(stats, "latency_p50"), label="p50", marker="braille")
         plt.plot(xs, fmt.series(stats, "latency_p95"), label="p95", marker="braille")
         step = max(1, len(xs) // 4)
-        plt.xticks(xs[::step], [fmt.clock(stats.buckets[i].start)[6:] for i in xs[::step]])
+        ticks = xs[::step]
+        positions: list[float] = list(ticks)  # the stub takes list[float]; ints are fine
+        plt.xticks(positions, [fmt.clock(stats.buckets[i].start)[6:] for i in ticks])
         widget.refresh()
