@@ -1,1 +1,1 @@
-"""Training-box side: collects device traces."""
+"""Training-box side: the collector that receives device traces and publishes adapters."""
