@@ -197,9 +197,7 @@ class AgentRunner:
         }
         span = self._open(
             feed,
-            Span(
-                run_id=state.root.run_id,
-                parent_id=state.root.id,
+            state.child(
                 kind="plan",
                 route="remote",
                 input=state.req.goal,
@@ -225,9 +223,7 @@ class AgentRunner:
             "type": "function",
             "function": {"name": step["tool"], "arguments": json.dumps(arguments)},
         }
-        span = Span(
-            run_id=state.root.run_id,
-            parent_id=state.root.id,
+        span = state.child(
             step=number,
             kind="tool",
             name=step["tool"],
@@ -261,9 +257,7 @@ class AgentRunner:
             }
             span = self._open(
                 feed,
-                Span(
-                    run_id=state.root.run_id,
-                    parent_id=state.root.id,
+                state.child(
                     step=number,
                     kind="remote",
                     name=name,
@@ -284,9 +278,7 @@ class AgentRunner:
         for attempt, try_ctx in enumerate(tries):
             span = self._open(
                 feed,
-                Span(
-                    run_id=state.root.run_id,
-                    parent_id=state.root.id,
+                state.child(
                     step=number,
                     kind="task",
                     name=name,
@@ -334,9 +326,7 @@ class AgentRunner:
         }
         span = self._open(
             feed,
-            Span(
-                run_id=state.root.run_id, parent_id=state.root.id, kind="final", route="remote", input=lines
-            ),
+            state.child(kind="final", route="remote", input=lines),
         )
         text = await self._remote(feed, state, span, body, ctx, "agent.final", "planning")
         span.output = text
@@ -416,6 +406,10 @@ class _State:
         self.pending: list[dict[str, Any]] = []
         self.cost = 0.0
         self.answer: str | None = None
+
+    def child(self, **fields: Any) -> Span:
+        """A span under this run's root."""
+        return Span(run_id=self.root.run_id, parent_id=self.root.id, **fields)
 
     @property
     def previous(self) -> Any:
