@@ -282,7 +282,7 @@ class Escalation:
                 await stream.aclose()
                 trace.response, trace.status = "".join(parts), 499
                 trace.latency_ms = _ms_since(started)
-                self.service.traces.insert(trace)
+                self.service.record_error(trace)
 
     # -- tasks ---------------------------------------------------------------------------------------
     def route_task(self, name: str, req: TaskRequest, ctx: CallContext) -> Routed:
@@ -502,7 +502,7 @@ class Escalation:
         trace.status, trace.error = exc.status_code, exc.message
         trace.attempts = attempts or None
         trace.latency_ms = _ms_since(started)
-        self.service.traces.insert(trace)
+        self.service.record_error(trace)
 
 
 def local_failure(task: Task, job: Job, result: GenerationResult) -> str | None:

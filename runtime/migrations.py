@@ -39,12 +39,20 @@ def migrate(db: sqlite_utils.Database) -> list[str]:
     for fn in MIGRATIONS:
         if fn.__name__ in done:
             continue
-        with db.conn:
+        # Explicit BEGIN: the trace store's connection is in autocommit mode, where `with conn:`
+        # would not make the migration atomic.
+        db.conn.execute("BEGIN")
+        try:
             fn(db)
             db.execute(
                 "INSERT INTO _migrations (name, applied_at) VALUES (?, ?)",
                 [fn.__name__, datetime.now(UTC).isoformat()],
             )
+            db.conn.execute("COMMIT")
+        except BaseException:
+            if db.conn.in_transaction:
+                db.conn.execute("ROLLBACK")
+            raise
         ran.append(fn.__name__)
     return ran
 

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from slm_agent.errors import BadRequestError, NotFoundError, SchemaError, SlmAgentError
+from slm_agent.errors import BadRequestError, NotFoundError, SchemaError, SlmAgentError, StorageFullError
 from slm_agent.models.manifest import ModelManifest, PromptFormat
 from slm_agent.models.store import ModelStore
 from slm_agent.runtime import grammars
@@ -348,18 +348,27 @@ class Service:
             trace.ttft_ms = round(result.ttft_ms, 3) if result.ttft_ms is not None else None
             trace.tokens_per_s = round(result.tokens_per_s, 2) if result.tokens_per_s else None
         trace.latency_ms = round((time.perf_counter() - job.started) * 1000, 3)
+        if status is not None:
+            trace.status = status
         if error is not None:
             trace.error = error.message
             trace.status = error.status_code
-        if status is not None:
-            trace.status = status
+            self.record_error(trace)
+            return trace
         return self.traces.insert(trace)
+
+    def record_error(self, trace: TraceRecord) -> None:
+        """Trace a failed request. With the disk full the client must still see its own error."""
+        try:
+            self.traces.insert(trace)
+        except StorageFullError as exc:
+            log.warning("failed request %s not traced: %s", trace.id, exc.message)
 
     def record_failure(
         self, endpoint: str, ctx: CallContext, model: str | None, request: Any, error: SlmAgentError
     ) -> None:
         """Trace a request that failed before it could run (unknown model, prompt too long...)."""
-        self.traces.insert(
+        self.record_error(
             TraceRecord(
                 endpoint=endpoint,
                 client=ctx.client,

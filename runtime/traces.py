@@ -13,6 +13,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -20,8 +21,11 @@ from typing import Any, Literal
 import sqlite_utils
 from pydantic import BaseModel, Field
 
-from slm_agent.errors import NotFoundError
+from slm_agent.errors import NotFoundError, StorageFullError
 from slm_agent.runtime.migrations import migrate
+
+# ENOSPC surfaces as SQLITE_FULL, a file size limit (EFBIG) as a failed write.
+_NO_ROOM = {sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR_WRITE, sqlite3.SQLITE_IOERR_FSYNC}
 
 JSON_COLUMNS = ("request", "tools", "params", "output", "tool_calls", "attempts", "redactions")
 
@@ -148,13 +152,33 @@ class TraceStore:
         self._listeners.append(listener)
 
     # -- writes ----------------------------------------------------------------------------------
+    @contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """One transaction; a full disk becomes a StorageFullError and leaves earlier rows intact."""
+        with self._lock:
+            conn = self.db.conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.OperationalError) and exc.sqlite_errorcode in _NO_ROOM:
+                    raise StorageFullError(
+                        f"cannot write to the trace database {self.path} ({exc}): the disk is full or a "
+                        "file size limit was hit; free space. Traces already written are kept; this "
+                        "request's was not recorded"
+                    ) from exc
+                raise
+
     def insert(self, trace: TraceRecord) -> TraceRecord:
         """Commit one trace; returns it with its sequence number."""
         values = [_encode(name, getattr(trace, name)) for name in _TRACE_COLUMNS]
-        with self._lock:
-            cur = self.db.conn.execute(_INSERT_SQL, values)
+        with self._writing() as conn:
+            cur = conn.execute(_INSERT_SQL, values)
             if trace.session_id:
-                self.db.conn.execute(
+                conn.execute(
                     """INSERT INTO sessions (id, agent, first_seen, last_seen, request_count)
                        VALUES (?, ?, ?, ?, 1)
                        ON CONFLICT(id) DO UPDATE SET last_seen = excluded.last_seen,
@@ -169,8 +193,8 @@ class TraceStore:
     def add_feedback(self, trace_id: str, feedback: Feedback) -> FeedbackRecord:
         self.get(trace_id)
         record = FeedbackRecord(trace_id=trace_id, **feedback.model_dump())
-        with self._lock:
-            cur = self.db.conn.execute(
+        with self._writing() as conn:
+            cur = conn.execute(
                 "INSERT INTO feedback (trace_id, created_at, rating, correction, comment, source) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 [

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +65,7 @@ class Daemon:
     port: int
     env: dict[str, str]
     args: list[str] = field(default_factory=list)
+    preexec_fn: Callable[[], None] | None = None
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
@@ -84,6 +85,7 @@ class Daemon:
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            preexec_fn=self.preexec_fn,
         )
         if wait:
             self.wait_ready(timeout)
@@ -124,7 +126,12 @@ def make_daemon(_isolated_home: Path, shared_store: ModelStore) -> Iterator[obje
     """Factory: ``make_daemon(*args, env={...})`` starts a daemon on the shared bundled store."""
     started: list[Daemon] = []
 
-    def factory(*args: str, env: dict[str, str] | None = None, wait: bool = True) -> Daemon:
+    def factory(
+        *args: str,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> Daemon:
         full_env = dict(os.environ)
         full_env.update(
             {
@@ -135,7 +142,9 @@ def make_daemon(_isolated_home: Path, shared_store: ModelStore) -> Iterator[obje
             }
         )
         full_env.update(env or {})
-        daemon = Daemon(home=_isolated_home, port=free_port(), env=full_env, args=list(args))
+        daemon = Daemon(
+            home=_isolated_home, port=free_port(), env=full_env, args=list(args), preexec_fn=preexec_fn
+        )
         started.append(daemon)
         return daemon.start(wait=wait)
 

@@ -494,3 +494,26 @@ def test_corrupt_model_file_fails_clearly(make_daemon: Any, tmp_path: Path) -> N
     bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 10)
     with pytest.raises(RuntimeError, match="truncated inside its GGUF header"):
         make_daemon("--model", str(bad))
+
+
+def test_full_disk_answers_507_keeps_serving_and_keeps_written_traces(make_daemon: Any) -> None:
+    """RLIMIT_FSIZE stands in for a full disk: no file of the daemon may grow past 768 KiB."""
+    import resource
+
+    limit = 768 * 1024
+    daemon = make_daemon(preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    filler = {"model": "no-such-model", "messages": [{"role": "user", "content": "x" * 60_000}]}
+    answer = {"model": BUNDLED_NAME, "prompt": "Hi", "max_tokens": 1}
+    with daemon.client() as http:
+        first = http.post("/v1/completions", json=answer)
+        assert first.status_code == 200
+        for _ in range(40):  # fill the trace database; the client always sees its own error
+            assert http.post("/v1/chat/completions", json=filler).status_code == 404
+        statuses = [http.post("/v1/completions", json=answer) for _ in range(8)]
+        full = [r for r in statuses if r.status_code == 507]
+        assert full, [r.status_code for r in statuses]
+        error = full[0].json()["error"]
+        assert error["code"] == "storage_full" and "trace database" in error["message"]
+        assert http.get("/healthz").json()["status"] == "ok"
+    assert trace(daemon, first.json()["id"])["status"] == 200
+    assert rows(daemon, "SELECT count(*) AS n FROM traces")[0]["n"] > 1
