@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 import click
 import uvicorn
@@ -23,8 +25,27 @@ if TYPE_CHECKING:
 log = logging.getLogger("slm_agent.daemon")
 
 
-def _field_help(name: str) -> str:
-    return Settings.model_fields[name].description or ""
+def settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """One flag per top-level setting, its help taken from the field's description.
+
+    Nested sections (``remote``, ``sync``) are set in the TOML file or with SLM_AGENT_REMOTE__*
+    and SLM_AGENT_SYNC__* variables.
+    """
+    for name, field in reversed(Settings.model_fields.items()):
+        annotation = field.annotation
+        if name in ("remote", "sync"):
+            continue
+        flag = "--" + name.replace("_", "-")
+        help_text = field.description or ""
+        if name == "adapters":
+            option = click.option("--adapter", "adapters", multiple=True, help=help_text)
+        elif get_origin(annotation) is Literal:
+            option = click.option(flag, name, type=click.Choice(get_args(annotation)), help=help_text)
+        else:
+            kinds = {a for a in (annotation, *get_args(annotation)) if a in (int, float, Path)}
+            option = click.option(flag, name, type=kinds.pop() if kinds else str, help=help_text)
+        command = option(command)
+    return command
 
 
 @click.command(
@@ -35,17 +56,7 @@ Example usage:
   SLM_AGENT_TOKEN=s3cret slm-agentd --host 0.0.0.0
   curl localhost:8765/v1/models""",
 )
-@click.option("--host", help=_field_help("host"))
-@click.option("--port", type=int, help=_field_help("port"))
-@click.option("--token", help=_field_help("token"))
-@click.option("--model", help=_field_help("model"))
-@click.option("--adapter", "adapters", multiple=True, help=_field_help("adapters"))
-@click.option("--n-ctx", type=int, help=_field_help("n_ctx"))
-@click.option("--n-threads", type=int, help=_field_help("n_threads"))
-@click.option("--queue-size", type=int, help=_field_help("queue_size"))
-@click.option(
-    "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help=_field_help("log_level")
-)
+@settings_options
 def main(**flags: Any) -> None:
     """Serve agent subtasks on a local GGUF model: OpenAI-compatible API, task API, traces."""
     flags["adapters"] = list(flags["adapters"]) or None

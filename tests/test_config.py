@@ -60,3 +60,15 @@ def test_config_show_masks_the_token(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "very-secret" not in result.output
     table = CliRunner().invoke(cli, ["config", "show"])
     assert "n_ctx" in table.output and "Context window" in table.output
+
+
+def test_every_setting_has_a_daemon_flag() -> None:
+    from slm_agent.runtime.config import Settings
+    from slm_agent.runtime.daemon import main as daemon_main
+
+    flags = {p.name for p in daemon_main.params}
+    assert set(Settings.model_fields) - {"remote", "sync"} <= flags
+    result = CliRunner().invoke(daemon_main, ["--n-ctx", "not-a-number"])
+    assert result.exit_code == 2 and "not a valid integer" in result.output
+    bad = CliRunner().invoke(daemon_main, ["--host", "0.0.0.0", "--port", "0"])
+    assert bad.exit_code == 1 and "set a token" in bad.output
