@@ -149,22 +149,17 @@ class Service:
         if task is None and wants_tool:
             task = self.tasks.get("tool_call")
         stop = req.stop_list()
+        grammar = None
         if task is not None:
-            user = _last_user_text(req.messages)
             task_tools = tools or task.tools or None
-            prefix, body = task.prefix(), task.body(user, task_tools)
-            kind = task.kind
-            if kind == "tool_call" and not task_tools:
-                raise BadRequestError(
-                    f"task {task.name!r} chooses among tools, but the request has none", param="tools"
-                )
-            stop = stop or (["\n"] if kind in ("json", "label", "tool_call") else target.prompt_format.stop)
-            defaults = task.sampling
+            prefix, body, task_stop, grammar = task_prompt(
+                task, _last_user_text(req.messages), task_tools, target.prompt_format, forced
+            )
+            kind, stop, defaults = task.kind, stop or task_stop, task.sampling
         else:
             prefix, body = render_chat(req.messages, target.prompt_format)
             kind, task_tools, defaults = "text", None, None
             stop = stop or target.prompt_format.stop
-        grammar = None
         if req.response_format and req.response_format.type != "text" and kind == "text":
             kind = "json"
             if req.response_format.type == "json_schema":
@@ -177,8 +172,6 @@ class Service:
             else:
                 grammar = grammars.json_object_grammar()
             stop = req.stop_list()
-        elif task is not None:
-            grammar = _task_grammar(task, task_tools, forced)
         gen = GenerationRequest(
             prefix=prefix,
             body=body,
@@ -230,19 +223,18 @@ class Service:
         target = Target(TASK_PREFIX + name, task, task.adapter, task.adapter_scale, fmt)
         value = req.input if isinstance(req.input, str) else json.dumps(req.input, ensure_ascii=False)
         tools = req.tools or task.tools or None
-        if task.kind == "tool_call" and not tools:
-            raise BadRequestError(f"task {name!r} chooses among tools: send them in 'tools'", param="tools")
+        prefix, body, stop, grammar = task_prompt(task, value, tools, fmt, None)
         gen = GenerationRequest(
-            prefix=task.prefix(),
-            body=task.body(value, tools),
+            prefix=prefix,
+            body=body,
             adapter=task.adapter,
             adapter_scale=task.adapter_scale,
             max_tokens=req.max_tokens or task.sampling.max_tokens,
             temperature=_first(req.temperature, task.sampling.temperature),
             top_p=task.sampling.top_p,
-            stop=["\n"] if task.kind != "text" else fmt.stop,
+            stop=stop,
             seed=req.seed,
-            grammar=_task_grammar(task, tools, None),
+            grammar=grammar,
             logprobs=task.confidence_threshold is not None,
             deadline=self._deadline(ctx),
         )
@@ -411,6 +403,20 @@ def usage(result: GenerationResult) -> Usage:
         total_tokens=result.prompt_tokens + result.completion_tokens,
         prompt_tokens_details={"cached_tokens": result.cached_tokens},
     )
+
+
+def task_prompt(
+    task: Task, value: str, tools: list[dict[str, Any]] | None, fmt: PromptFormat, forced: str | None
+) -> tuple[str, str, list[str], Any]:
+    """A task's prompt (cached prefix, body), default stop strings and output grammar."""
+    if task.kind == "tool_call" and not tools:
+        raise BadRequestError(
+            f"task {task.name!r} chooses among tools, but the request has none: send them in 'tools'",
+            param="tools",
+        )
+    # Structured answers are one line; free text ends where the prompt format says.
+    stop = ["\n"] if task.kind != "text" else fmt.stop
+    return task.prefix(), task.body(value, tools), stop, _task_grammar(task, tools, forced)
 
 
 def _task_grammar(task: Task, tools: list[dict[str, Any]] | None, forced: str | None) -> Any:

@@ -272,8 +272,8 @@ class TraceStore:
         by_task = {
             (k or "(none)"): v for k, v in self._read("SELECT task, count(*) FROM traces GROUP BY task")
         }
-        p50 = self._percentile(0.5, total)
-        p95 = self._percentile(0.95, total)
+        timed = int(self._read("SELECT count(*) FROM traces WHERE latency_ms IS NOT NULL")[0][0])
+        p50, p95 = self._percentile(0.5, timed), self._percentile(0.95, timed)
         feedback = int(self._read("SELECT count(*) FROM feedback")[0][0])
         return TraceStats(
             total=total,
@@ -286,8 +286,8 @@ class TraceStore:
             feedback=feedback,
         )
 
-    def _percentile(self, q: float, total: int) -> float | None:
-        n = self._read("SELECT count(*) FROM traces WHERE latency_ms IS NOT NULL")[0][0] if total else 0
+    def _percentile(self, q: float, n: int) -> float | None:
+        """The q-quantile of latency over the ``n`` traces that have one."""
         if not n:
             return None
         offset = min(n - 1, int(q * n))
