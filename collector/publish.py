@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from slm_agent.atomic import write_atomic
 from slm_agent.errors import ConflictError
@@ -14,7 +15,15 @@ from slm_agent.runtime.sync_wire import PublishedAdapter
 
 
 def publish_adapter(
-    source: Path, publish_dir: Path, *, name: str, tasks: list[str], base_sha256: str | None = None
+    source: Path,
+    publish_dir: Path,
+    *,
+    name: str,
+    tasks: list[str],
+    base_sha256: str | None = None,
+    metrics: dict[str, float] | None = None,
+    dataset_sha256: str | None = None,
+    training: dict[str, Any] | None = None,
 ) -> PublishedAdapter:
     """Copy the file first and write the manifest last: a listing never shows a half-copied file.
 
@@ -37,6 +46,9 @@ def publish_adapter(
         architecture=info.architecture,
         base_sha256=base_sha256,
         tasks=tasks,
+        metrics=metrics,
+        dataset_sha256=dataset_sha256,
+        training=training,
     )
     write_atomic(folder / "manifest.json", manifest.model_dump_json(indent=2).encode())
     return manifest

@@ -131,10 +131,25 @@ def _adapter_names(settings: Settings, tasks: TaskRegistry) -> list[str]:
     return names
 
 
+def _bind_trained_adapters(services: Services) -> None:
+    """Tasks without a pinned adapter get the newest adapter in the store trained for them."""
+    newest: dict[str, ModelManifest] = {}
+    for manifest in services.store.list():
+        if manifest.kind != "lora-adapter" or manifest.base != services.base.name:
+            continue
+        for task in manifest.tasks:
+            if task not in newest or manifest.created_at > newest[task].created_at:
+                newest[task] = manifest
+    for task, manifest in newest.items():
+        if services.tasks.has(task) and not services.tasks.pinned(task):
+            services.tasks.bind_adapter(task, manifest.name)
+
+
 def _load_model(services: Services) -> None:
     try:
         services.engine.load()
         services.events.publish("model_load", {"model": services.base.name, "n_ctx": services.settings.n_ctx})
+        _bind_trained_adapters(services)
         for name in _adapter_names(services.settings, services.tasks):
             try:
                 manifest = services.store.get(name)
@@ -494,7 +509,10 @@ async def load_adapter(request: Request, body: AdapterLoad) -> JSONResponse:
         )
     await asyncio.to_thread(services.engine.load_adapter, body.name, services.store.path_of(manifest))
     services.events.publish("adapter_load", {"adapter": body.name})
-    return JSONResponse({"name": body.name, "loaded": True, "adapters": sorted(services.engine.adapters)})
+    bound = [t for t in manifest.tasks if services.tasks.bind_adapter(t, body.name) is not None]
+    return JSONResponse(
+        {"name": body.name, "loaded": True, "tasks": bound, "adapters": sorted(services.engine.adapters)}
+    )
 
 
 @router.delete("/v1/admin/adapters/{name}")

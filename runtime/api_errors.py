@@ -28,6 +28,8 @@ def error_response(exc: SlmAgentError) -> JSONResponse:
     )
     if retry:
         headers["Retry-After"] = str(math.ceil(retry))
+    if exc.trace_id:
+        headers["X-SLM-Trace-Id"] = exc.trace_id
     return JSONResponse(
         error_body(exc.message, exc.error_type, exc.param, exc.code),
         status_code=exc.status_code,

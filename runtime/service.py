@@ -345,16 +345,19 @@ class Service:
         if error is not None:
             trace.error = error.message
             trace.status = error.status_code
-            self.record_error(trace)
+            if self.record_error(trace):
+                error.trace_id = trace.id
             return trace
         return self.traces.insert(trace)
 
-    def record_error(self, trace: TraceRecord) -> None:
+    def record_error(self, trace: TraceRecord) -> bool:
         """Trace a failed request. With the disk full the client must still see its own error."""
         try:
             self.traces.insert(trace)
         except StorageFullError as exc:
             log.warning("failed request %s not traced: %s", trace.id, exc.message)
+            return False
+        return True
 
     def record_failure(
         self, endpoint: str, ctx: CallContext, model: str | None, request: Any, error: SlmAgentError

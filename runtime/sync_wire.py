@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -78,6 +79,9 @@ class PublishedAdapter(BaseModel):
     base_sha256: str | None = Field(None, description="sha256 of the base GGUF it was trained on.")
     tasks: list[str] = Field(default_factory=list)
     created_at: str = Field(default_factory=utcnow)
+    metrics: dict[str, float] | None = Field(None, description="Held-out test metrics from `train eval`.")
+    dataset_sha256: str | None = Field(None, description="The dataset it was trained and tested on.")
+    training: dict[str, Any] | None = Field(None, description="The LoRA training config.")
 
 
 class AdapterListing(BaseModel):

@@ -144,6 +144,7 @@ class TaskRegistry:
     def __init__(self, tasks_dir: Path) -> None:
         self.tasks_dir = Path(tasks_dir)
         self._tasks: dict[str, Task] = {}
+        self._bindings: dict[str, str] = {}
         self.reload()
 
     def reload(self) -> None:
@@ -156,6 +157,9 @@ class TaskRegistry:
                     log.error("skipping task file: %s", exc)
                     continue
                 tasks[task.name] = task
+        for name, adapter in self._bindings.items():
+            if name in tasks and tasks[name].adapter is None:
+                tasks[name] = tasks[name].model_copy(update={"adapter": adapter})
         self._tasks = tasks
 
     def list(self) -> list[Task]:
@@ -192,6 +196,22 @@ class TaskRegistry:
         target.unlink()
         self.reload()
         return target
+
+    def bind_adapter(self, name: str, adapter: str) -> Task | None:
+        """Serve a task with a trained adapter (one pulled from the training box).
+
+        A task whose definition names its adapter keeps it: a pin in a task file is the user's word.
+        """
+        if not self.has(name) or self.pinned(name):
+            return None
+        self._bindings[name] = adapter
+        task = self.get(name).model_copy(update={"adapter": adapter})
+        self._tasks[name] = task
+        return task
+
+    def pinned(self, name: str) -> bool:
+        task = self.get(name)
+        return task.adapter is not None and self._bindings.get(name) != task.adapter
 
     def set_routing(self, name: str, routing: Routing) -> Task:
         """Change a task's routing policy for this daemon's lifetime (an admin action)."""

@@ -17,6 +17,8 @@ GROUPS = {
     "sync": "slm_agent.runtime.sync_cli:sync",
     "collector": "slm_agent.collector.cli:collector",
     "tui": "slm_agent.tui.cli:tui",
+    "train": "slm_agent.train.cli:train",
+    "quantize": "slm_agent.quantize.cli:quantize",
 }
 
 

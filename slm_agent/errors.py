@@ -32,6 +32,8 @@ class SlmAgentError(Exception):
     status_code: int = 500
     error_type: str = "server_error"
     code: str | None = None
+    # Set once the failed request is traced, so the client can still rate or correct it.
+    trace_id: str | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)

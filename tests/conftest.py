@@ -170,3 +170,9 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, shared_store: ModelStore) -
     d = Daemon(home=home, port=free_port(), env=env).start()
     yield d
     d.stop()
+
+
+@pytest.fixture(scope="session")
+def train_base_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Dequantized base weights for training tests: made once a session (~40 s), then ~3 s a load."""
+    return tmp_path_factory.mktemp("train-base-cache")

@@ -1,0 +1,1 @@
+"""Conversion and quantization: base GGUFs, PEFT adapters to GGUF LoRA, ONNX int8 encoders."""

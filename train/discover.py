@@ -1,0 +1,370 @@
+"""Task discovery: cluster collected traces by what they ask, propose a task for each big cluster.
+
+Inputs are embedded with the int8 sentence encoder and clustered (average linkage over cosine
+distance, deterministic). Each cluster is split by the shape of its answers (JSON object, tool
+call, text), since one task has one output contract even when inputs look alike. Clusters with
+at least ``min_size`` traces become proposals: a name, a kind and output contract inferred from
+the answers (a trace's correction wins over what the model said), instructions and few-shot
+examples, ready to be written as a task TOML file.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import tomllib
+import unicodedata
+from collections import Counter
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from slm_agent.atomic import write_atomic
+from slm_agent.errors import BadRequestError, ConflictError
+from slm_agent.progress import ProgressFn
+from slm_agent.quantize.encoder import Encoder, ensure_encoder
+from slm_agent.runtime.tasks import TASK_NAME_RE, Example, builtin_tasks, parse_task
+from slm_agent.train.collected import CollectedTrace
+from slm_agent.train.contract import (
+    AnswerShape,
+    Kind,
+    answer_of,
+    answer_shape,
+    answer_text,
+    infer_contract,
+    infer_tools,
+    instructions,
+    is_tool_call,
+)
+from slm_agent.train.task_toml import task_toml
+
+DEFAULT_MIN_SIZE = 5
+# Average-linkage cosine distance: clusters merge while their members are, on average, more alike
+# than cosine 0.2. Unrelated sentences sit near 0 with MiniLM, one templated request family near 0.4.
+DEFAULT_THRESHOLD = 0.8
+MAX_EXAMPLE_INPUTS = 5
+FEW_SHOT = 3
+# Above this many traces, cluster a fixed sample and assign the rest to the nearest centroid:
+# agglomerative clustering needs the full pairwise distance matrix.
+MAX_CLUSTER_POINTS = 2000
+
+
+class TaskProposal(BaseModel):
+    """A task suggested by one cluster of traces, with its inferred output contract."""
+
+    cluster: int = Field(description="Cluster id: clusters are numbered by size, largest first.")
+    size: int
+    share: float = Field(description="Fraction of the traces with an input that fell in this cluster.")
+    name: str = Field(description="Suggested task name: unique among proposals, valid as a task name.")
+    existing_task: str | None = Field(None, description="The task most of these traces already carry.")
+    keywords: list[str] = Field(default_factory=list, description="Words distinctive of this cluster.")
+    kind: Kind
+    output_schema: dict[str, Any] | None = None
+    labels: list[str] = Field(default_factory=list)
+    tools: list[dict[str, Any]] = Field(default_factory=list)
+    description: str = ""
+    instructions: str = ""
+    input_label: str = "Input"
+    output_label: str = "Output"
+    max_tokens: int = 256
+    answered: int = Field(0, description="Traces with an answer (a correction, the output or the response).")
+    corrected: int = Field(0, description="Traces whose answer is a correction from feedback.")
+    example_inputs: list[str] = Field(default_factory=list, description="The most central inputs.")
+    examples: list[Example] = Field(default_factory=list, description="Few-shot examples with exact answers.")
+    trace_ids: list[str] = Field(default_factory=list)
+
+
+class DiscoveryReport(BaseModel):
+    data: str | None = Field(None, description="Where the traces were read from.")
+    encoder: str
+    traces: int = Field(description="Traces read.")
+    with_input: int = Field(description="Traces with an input text: the ones clustered.")
+    clusters: int
+    covered: int = Field(description="Traces in the proposed clusters.")
+    min_size: int
+    threshold: float
+    seconds: float
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    proposals: list[TaskProposal] = Field(default_factory=list)
+
+
+# -- discovery -------------------------------------------------------------------------------------
+def discover(
+    traces: Sequence[CollectedTrace],
+    *,
+    encoder: Encoder | None = None,
+    min_size: int = DEFAULT_MIN_SIZE,
+    threshold: float = DEFAULT_THRESHOLD,
+    data: str | None = None,
+    on_progress: ProgressFn | None = None,
+) -> DiscoveryReport:
+    """Cluster ``traces`` by input and propose a task for every cluster of ``min_size`` or more."""
+    started = time.monotonic()
+    encoder = encoder or Encoder(ensure_encoder())
+    usable = [t for t in traces if t.input and t.input.strip()]
+    inputs = [t.input or "" for t in usable]
+    vectors = _embed(encoder, inputs, on_progress)
+    answers = [answer_of(t) for t in usable]
+    groups = _split_by_shape(_cluster(vectors, threshold), [answer_shape(a) for a in answers])
+    names = _Names(inputs, answers)
+    proposals = []
+    for cluster_id, members in enumerate(groups):
+        if len(members) < min_size:
+            break  # groups are sorted by size
+        proposals.append(
+            _propose(cluster_id, [usable[i] for i in members], vectors[members], len(usable), names, members)
+        )
+    return DiscoveryReport(
+        data=data,
+        encoder=encoder.manifest.name,
+        traces=len(traces),
+        with_input=len(usable),
+        clusters=len(groups),
+        covered=sum(p.size for p in proposals),
+        min_size=min_size,
+        threshold=threshold,
+        seconds=round(time.monotonic() - started, 2),
+        proposals=proposals,
+    )
+
+
+def _embed(encoder: Encoder, inputs: list[str], on_progress: ProgressFn | None) -> np.ndarray:
+    # Templated traffic repeats itself: embed each distinct input once.
+    unique = list(dict.fromkeys(inputs))
+    rows: list[np.ndarray] = []
+    step = 256
+    for start in range(0, len(unique), step):
+        rows.append(encoder.embed(unique[start : start + step]))
+        if on_progress:
+            on_progress(min(start + step, len(unique)), len(unique))
+    if not rows:
+        return np.zeros((0, encoder.dim), dtype=np.float32)
+    table = np.concatenate(rows)
+    index = {text: i for i, text in enumerate(unique)}
+    return table[[index[text] for text in inputs]]
+
+
+def _cluster(vectors: np.ndarray, threshold: float) -> np.ndarray:
+    """A cluster label per row; deterministic for the same input."""
+    n = len(vectors)
+    if n < 2:
+        return np.zeros(n, dtype=int)
+    from sklearn.cluster import AgglomerativeClustering
+
+    sample = np.arange(n)
+    if n > MAX_CLUSTER_POINTS:
+        sample = np.sort(np.random.default_rng(0).choice(n, MAX_CLUSTER_POINTS, replace=False))
+    model = AgglomerativeClustering(
+        n_clusters=None, distance_threshold=threshold, metric="cosine", linkage="average"
+    )
+    sample_labels = model.fit_predict(vectors[sample])
+    if len(sample) == n:
+        return np.asarray(sample_labels)
+    centroids = np.stack(
+        [vectors[sample[sample_labels == k]].mean(axis=0) for k in range(sample_labels.max() + 1)]
+    )
+    centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    return np.asarray((vectors @ centroids.T).argmax(axis=1))
+
+
+def _split_by_shape(labels: np.ndarray, shapes: list[AnswerShape | None]) -> list[list[int]]:
+    """Member indices per (cluster, answer shape), largest first; unanswered traces join the
+    cluster's most common shape."""
+    groups: dict[tuple[int, str], list[int]] = {}
+    for cluster in sorted(set(labels.tolist())):
+        members: list[int] = np.flatnonzero(labels == cluster).tolist()
+        counted = Counter(s for i in members if (s := shapes[i]) is not None)
+        majority = counted.most_common(1)[0][0] if counted else "text"
+        for i in members:
+            groups.setdefault((cluster, shapes[i] or majority), []).append(i)
+    return sorted(groups.values(), key=lambda m: (-len(m), m[0]))
+
+
+def _propose(
+    cluster_id: int,
+    traces: list[CollectedTrace],
+    vectors: np.ndarray,
+    total: int,
+    names: _Names,
+    members: list[int],
+) -> TaskProposal:
+    centroid = vectors.mean(axis=0)
+    centroid /= max(float(np.linalg.norm(centroid)), 1e-12)
+    central = [traces[i] for i in np.argsort(-(vectors @ centroid), kind="stable")]
+    answers = [(t, a) for t in central if (a := answer_of(t)) is not None]
+    kind, schema, labels = infer_contract([a for _, a in answers])
+    task_counts = Counter(t.task for t in traces if t.task)
+    existing = None
+    if task_counts and task_counts.most_common(1)[0][1] * 2 > len(traces):
+        existing = task_counts.most_common(1)[0][0]
+    name, keywords = names.suggest(members, existing)
+    tools = infer_tools(traces, [a for _, a in answers]) if kind == "tool_call" else []
+    examples = _few_shot(kind, answers, labels)
+    share = len(traces) / total if total else 0.0
+    example_inputs = list(dict.fromkeys(t.input or "" for t in central))[:MAX_EXAMPLE_INPUTS]
+    return TaskProposal(
+        cluster=cluster_id,
+        size=len(traces),
+        share=round(share, 4),
+        name=name,
+        existing_task=existing,
+        keywords=keywords,
+        kind=kind,
+        output_schema=schema,
+        labels=labels,
+        tools=tools,
+        description=f"Discovered from {len(traces)} traces ({share:.0%} of traffic), "
+        f'e.g. "{_clip(example_inputs[0], 60)}"',
+        instructions=instructions(kind, schema, labels, tools),
+        input_label="Request" if kind == "tool_call" else "Input",
+        output_label="Call" if kind == "tool_call" else "Output",
+        max_tokens=_max_tokens([answer_text(a) for _, a in answers]),
+        answered=len(answers),
+        corrected=sum(1 for t, _ in answers if t.correction),
+        example_inputs=example_inputs,
+        examples=examples,
+        trace_ids=[t.id for t in traces],
+    )
+
+
+def _few_shot(kind: Kind, answers: list[tuple[CollectedTrace, Any]], labels: list[str]) -> list[Example]:
+    """Central examples, one per label / tool first so the prompt shows the range of answers."""
+
+    def key(answer: Any) -> str:
+        if kind == "tool_call" and is_tool_call(answer):
+            return str(answer["name"])
+        return answer if kind == "label" and isinstance(answer, str) else ""
+
+    fitting = [
+        (t, a)
+        for t, a in answers
+        if (kind in ("json", "tool_call") and isinstance(a, dict))
+        or (kind == "label" and a in labels)
+        or (kind == "text" and isinstance(a, str))
+    ]
+    first_per_key = sorted({key(a): i for i, (_, a) in reversed(list(enumerate(fitting)))}.values())
+    rest = [i for i in range(len(fitting)) if i not in set(first_per_key)][:FEW_SHOT]
+    order = first_per_key + rest
+    return [
+        Example(input=t.input or "", output=answer_text(a), tools=t.tools if kind == "tool_call" else None)
+        for t, a in (fitting[i] for i in order[:FEW_SHOT])
+    ]
+
+
+def _max_tokens(texts: list[str]) -> int:
+    # About 3 characters a token for JSON and short labels; half again as margin.
+    longest = max((len(t) for t in texts), default=200)
+    return int(min(2048, max(16, math.ceil(longest / 3 * 1.5) + 8)))
+
+
+def _clip(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+# -- names -----------------------------------------------------------------------------------------
+class _Names:
+    """Names from the words most distinctive of a cluster against the rest (document frequency
+    inside minus outside), unique across proposals and clear of built-in tasks.
+
+    A trace's words are its input's plus its answer's structure (JSON keys, the tool called):
+    templated inputs share few words, while one task's answers share their whole shape.
+    """
+
+    def __init__(self, inputs: list[str], answers: list[Any]) -> None:
+        self.words = [
+            list(dict.fromkeys(_words(text) + _words(" ".join(_structure(answer)))))
+            for text, answer in zip(inputs, answers, strict=True)
+        ]
+        self.builtin = {t.name for t in builtin_tasks()}
+        self.used: set[str] = set()
+
+    def suggest(self, members: list[int], existing: str | None) -> tuple[str, list[str]]:
+        member_set = set(members)
+        inside = Counter(w for i in members for w in self.words[i])  # first-seen order breaks ties
+        outside = Counter(w for i, ws in enumerate(self.words) if i not in member_set for w in ws)
+        n_in, n_out = len(members), max(len(self.words) - len(members), 1)
+        scores = {w: inside[w] / n_in - outside[w] / n_out for w in inside if inside[w] / n_in >= 0.2}
+        keywords = [w for w in sorted(scores, key=lambda w: -scores[w]) if scores[w] > 0][:5]
+        # Traces that already carry a task name keep it (even a built-in's): that task is what they are.
+        if existing and TASK_NAME_RE.match(existing) and existing not in self.used:
+            self.used.add(existing)
+            return existing, keywords
+        taken = self.used | self.builtin
+        candidates = ["-".join(keywords[:2])] if keywords else []
+        candidates += ["-".join(keywords[:3])] if len(keywords) > 2 else []
+        base = next((c for c in candidates if c not in taken), candidates[0] if candidates else "task")
+        name, n = base, 2
+        while name in taken or not TASK_NAME_RE.match(name):
+            name, n = f"{base[:56]}-{n}", n + 1
+        self.used.add(name)
+        return name, keywords
+
+
+def _structure(answer: Any) -> list[str]:
+    if is_tool_call(answer):
+        return [str(answer["name"]).replace("_", " ")]
+    return [str(k).replace("_", " ") for k in answer] if isinstance(answer, dict) else []
+
+
+_STOP_WORDS: frozenset[str] | None = None
+
+
+def _words(text: str) -> list[str]:
+    global _STOP_WORDS
+    if _STOP_WORDS is None:
+        from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+        _STOP_WORDS = frozenset(ENGLISH_STOP_WORDS)
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
+    # Words of letters only: numbers, ids and e-mail hosts vary per request and name nothing.
+    return [w for w in re.findall(r"(?<![\w@.])[a-z]{3,}(?![\w@])", ascii_text) if w not in _STOP_WORDS]
+
+
+# -- task files ------------------------------------------------------------------------------------
+def _task_data(proposal: TaskProposal, name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "description": proposal.description,
+        "kind": proposal.kind,
+        "routing": "local",
+        "instructions": proposal.instructions,
+        "input_label": proposal.input_label,
+        "output_label": proposal.output_label,
+        "output_schema": proposal.output_schema or None,  # task_toml leaves None out
+        "labels": proposal.labels or None,
+        "tools": proposal.tools or None,
+        "sampling": {"temperature": 0.0, "max_tokens": proposal.max_tokens},
+        "examples": [e.model_dump(exclude_none=True) for e in proposal.examples],
+    }
+
+
+def proposal_to_task_toml(proposal: TaskProposal, name: str | None = None) -> str:
+    """A task file for ``slm-agent tasks add``; checked to load back as the same task."""
+    name = name or proposal.name
+    header = (
+        f"# Proposed by `slm-agent train discover` from {proposal.size} traces "
+        f"({proposal.share:.0%} of traffic, cluster {proposal.cluster}). Review before serving it.\n"
+    )
+    text = header + task_toml(_task_data(proposal, name))
+    parse_task(tomllib.loads(text), f"{name}.toml")  # raises BadRequestError on an invalid name
+    return text
+
+
+def accept(proposal: TaskProposal, tasks_dir: Path, name: str | None = None, replace: bool = False) -> Path:
+    """Write the proposal as ``<tasks_dir>/<name>.toml``; the daemon serves it after a restart."""
+    name = name or proposal.name
+    if not TASK_NAME_RE.match(name):
+        raise BadRequestError(
+            f"invalid task name {name!r}: lowercase letters, digits, '_' and '-' (at most 64)", param="name"
+        )
+    target = Path(tasks_dir) / f"{name}.toml"
+    if target.exists() and not replace:
+        raise ConflictError(f"task file {target} already exists; pick another --name or pass --replace")
+    write_atomic(target, proposal_to_task_toml(proposal, name).encode())
+    return target
