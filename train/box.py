@@ -218,18 +218,20 @@ class TrainingBox:
         base_path = self.store.path_of(base)
         found = [Candidate(name=base.name, kind="base", model_path=base_path, size_bytes=base.size)]
         ws = self.workspace(name)
+        current = self.published(name)
         runs = sorted(ws.runs.glob("*/adapter.gguf")) if ws.runs.is_dir() else []
         for path in runs[-3:]:
-            found.append(
-                Candidate(
-                    name=f"{name}-{path.parent.name}",
-                    kind="adapter",
-                    model_path=base_path,
-                    adapter_path=path,
-                    size_bytes=base.size + path.stat().st_size,
+            run_name = f"{name}-{path.parent.name}"
+            if current is None or current.name != run_name:  # a published run is scored as "published"
+                found.append(
+                    Candidate(
+                        name=run_name,
+                        kind="adapter",
+                        model_path=base_path,
+                        adapter_path=path,
+                        size_bytes=base.size + path.stat().st_size,
+                    )
                 )
-            )
-        current = self.published(name)
         if current is not None:
             path = self.settings.publish_dir / current.name / current.file
             found.append(

@@ -1,8 +1,9 @@
 """`train lora TASK`: a PEFT LoRA adapter fine-tuned on a task's dataset.
 
-The loss covers the answer tokens only, and the output layer runs only at those positions: on
-gemma-3-270m the 262k-token vocabulary projection costs more than the whole decoder, and a task
-answer is a small part of each sequence. Runs checkpoint at every val check and resume from the
+A step computes only what the loss needs. The output layer runs only at the answer positions:
+on gemma-3-270m the 262k-token vocabulary projection costs more than the whole decoder, and a
+task answer is a small part of each sequence. The task's fixed prompt prefix, the same in every
+example, goes through the decoder once per batch instead of once per example. Runs checkpoint at every val check and resume from the
 last one; the same seed, data and config give the same adapter.
 """
 
@@ -63,25 +64,48 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def collate(examples: Sequence[Example], device: str = "cpu") -> dict[str, Any]:
-    """Right-padded ids with the positions whose next token is an answer token."""
+def shared_prefix(examples: Sequence[Example]) -> int:
+    """How many leading prompt tokens every example of the batch has in common.
+
+    A task's prompt starts with its fixed instructions and few-shot examples, identical in every
+    call. Their hidden states (and so their keys and values) are identical too: the decoder runs
+    them once per batch, not once per example. At least one prompt token stays per example, since
+    the last prompt position predicts the first answer token.
+    """
+    if len(examples) < 2:
+        return 0
+    first = examples[0].prompt_ids
+    limit = min(len(e.prompt_ids) for e in examples) - 1
+    for i in range(limit):
+        token = first[i]
+        if any(e.prompt_ids[i] != token for e in examples):
+            return i
+    return max(0, limit)
+
+
+def collate(examples: Sequence[Example], device: str = "cpu", *, share_prefix: bool = True) -> dict[str, Any]:
+    """Right-padded ids after the shared prefix, and the positions whose next token is an answer token."""
     import torch
 
-    seqs = [e.prompt_ids + e.answer_ids[:-1] for e in examples]
+    shared = shared_prefix(examples) if share_prefix else 0
+    seqs = [(e.prompt_ids + e.answer_ids[:-1])[shared:] for e in examples]
     width = max(len(s) for s in seqs)
     ids = torch.zeros((len(seqs), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
+    mask = torch.zeros((len(seqs), shared + width), dtype=torch.long)
+    mask[:, :shared] = 1
     where = torch.zeros_like(ids, dtype=torch.bool)
     labels = torch.full_like(ids, -100)
     targets: list[int] = []
     for row, (seq, e) in enumerate(zip(seqs, examples, strict=True)):
         ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
-        start = len(e.prompt_ids) - 1  # the last prompt position predicts the first answer token
+        mask[row, shared : shared + len(seq)] = 1
+        start = len(e.prompt_ids) - 1 - shared  # the last prompt position predicts the first answer token
         where[row, start : start + len(e.answer_ids)] = True
         labels[row, start : start + len(e.answer_ids)] = torch.tensor(e.answer_ids)
         targets.extend(e.answer_ids)
+    prefix = torch.tensor([examples[0].prompt_ids[:shared]], dtype=torch.long) if shared else None
     return {
+        "prefix": prefix.to(device) if prefix is not None else None,
         "input_ids": ids.to(device),
         "attention_mask": mask.to(device),
         "where": where.to(device),
@@ -90,19 +114,43 @@ def collate(examples: Sequence[Example], device: str = "cpu") -> dict[str, Any]:
     }
 
 
+def can_share_prefix(model: Any, examples: Sequence[Example]) -> bool:
+    """Sharing needs the model's KV cache to hold whole sequences (no sliding window cut-off)."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    window = getattr(lm.config, "sliding_window", None)
+    longest = max((len(e.prompt_ids) + len(e.answer_ids) for e in examples), default=0)
+    return window is None or longest <= window
+
+
 def batch_loss(model: Any, batch: dict[str, Any], mode: LossMode = "answer") -> Any:
     """Mean cross-entropy over the answer tokens of a batch.
 
-    ``answer`` runs the decoder, then the output layer on the answer positions only; ``full`` is
-    the usual causal-LM forward (logits everywhere, masked labels), kept for the benchmark.
+    ``answer`` runs the decoder (the shared prefix once, into a KV cache every row attends to;
+    gradients flow back through it), then the output layer on the answer positions only.
+    ``full`` is the usual causal-LM forward, logits everywhere with masked labels: the
+    benchmark's anchor, on a batch collated without prefix sharing.
     """
     import torch.nn.functional as F
 
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if mode == "full":
+        if batch["prefix"] is not None:
+            raise ValueError("full-logits loss needs a batch collated with share_prefix=False")
         logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
-    hidden = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    cache = None
+    if batch["prefix"] is not None:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=lm.config)
+        lm.model(input_ids=batch["prefix"], past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(batch["input_ids"].shape[0])
+    hidden = lm.model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        past_key_values=cache,
+        use_cache=cache is not None,
+    ).last_hidden_state
     logits = lm.lm_head(hidden[batch["where"]])
     cap = getattr(lm.config, "final_logit_softcapping", None)
     if cap:
@@ -114,12 +162,13 @@ def mean_loss(model: Any, examples: Sequence[Example], batch_size: int, device: 
     """Token-weighted mean answer loss over ``examples`` (no gradients)."""
     import torch
 
+    share = can_share_prefix(model, examples)
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(examples), batch_size):
             chunk = examples[i : i + batch_size]
             n = sum(len(e.answer_ids) for e in chunk)
-            total += float(batch_loss(model, collate(chunk, device))) * n
+            total += float(batch_loss(model, collate(chunk, device, share_prefix=share))) * n
             count += n
     return total / max(1, count)
 
@@ -218,6 +267,7 @@ def train(
         with model.disable_adapter():
             state["base_val"] = mean_loss(model, evaluate, config.batch_size, device)
 
+    share = can_share_prefix(model, train_set)
     started = time.perf_counter()
     steps_done_here = 0
     loss_value = float("nan")
@@ -225,7 +275,7 @@ def train(
     model.train()
     step = state["step"]
     while step < total:
-        batch = collate([train_set[i] for i in plan[step]], device)
+        batch = collate([train_set[i] for i in plan[step]], device, share_prefix=share)
         loss = batch_loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
