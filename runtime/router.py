@@ -156,7 +156,8 @@ def _validator(schema_json: str) -> Any:
     return cls(schema)
 
 
-def _schema_error(instance: Any, schema: dict[str, Any]) -> str | None:
+def schema_error(instance: Any, schema: dict[str, Any]) -> str | None:
+    """Where and how ``instance`` breaks ``schema`` (the most relevant error), or None."""
     validator = _validator(json.dumps(schema, sort_keys=True))
     error = jsonschema.exceptions.best_match(validator.iter_errors(instance))
     if error is None:
@@ -189,7 +190,7 @@ def validate_local_answer(
             value = json.loads(text)
         except ValueError as exc:
             return f"invalid JSON: {exc}"
-        error = _schema_error(value, schema)
+        error = schema_error(value, schema)
         if error is not None:
             return f"JSON does not match the schema: {error}"
     return None
@@ -211,7 +212,7 @@ def _tool_call_error(tool_call: dict[str, Any], tools: Sequence[dict[str, Any]])
         return f"tool call {name!r}: arguments must be a JSON object"
     parameters = definitions[name].get("parameters")
     if parameters:
-        error = _schema_error(arguments, parameters)
+        error = schema_error(arguments, parameters)
         if error is not None:
             return f"tool call {name!r}: arguments do not match the tool's schema: {error}"
     return None

@@ -7,6 +7,8 @@ import sys
 from rich.console import Console
 
 
-def console() -> Console:
+def console(stderr: bool = False) -> Console:
+    """Results go to stdout; progress notes to stderr, so `--json` output stays parseable."""
     # Piped output (scripts, tests) gets wide lines instead of tables squeezed to 80 columns.
-    return Console(width=None if sys.stdout.isatty() else 200)
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(width=None if stream.isatty() else 200, stderr=stderr)

@@ -9,8 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from train_task import TASK_TOML, shipments
 
+from slm_agent.cli import main
 from slm_agent.collector.catalogue import Catalogue
 from slm_agent.collector.ingest import Collector
 from slm_agent.collector.storage import TraceStorage
@@ -106,3 +108,29 @@ def test_adapter_trained_from_corrections_beats_the_base_on_device(
         assert right >= 8
         trace = http.get(f"/v1/traces/{reply['id']}").json()["trace"]
         assert trace["adapter"] == published.name
+
+    # 5. Later the loop retrains; a short run does not beat the published adapter by the margin,
+    #    so nothing new ships and the device keeps what it has.
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "loop",
+            "--data",
+            str(collected),
+            "--workdir",
+            str(settings.workdir),
+            "--publish-dir",
+            str(settings.publish_dir),
+            "--tasks-dir",
+            str(tasks_dir),
+            "--max-steps",
+            "2",
+            "--json",
+        ],
+        env={"SLM_AGENT_STORE_DIR": str(device_store.root), "SLM_TRAIN_BASE_CACHE": str(train_base_cache)},
+    )
+    assert result.exit_code == 0, result.output
+    (outcome,) = json.loads(result.stdout)["tasks"]
+    assert outcome["task"] == "shipment" and outcome["outcome"] == "not_better", outcome
+    assert [p.name for p in settings.publish_dir.iterdir()] == [published.name]

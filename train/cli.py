@@ -152,7 +152,9 @@ def _step_progress(task: str) -> Iterator[Callable[[Any], None]]:
 
         def on_step(step: Any) -> None:
             if step.val_loss is not None:
-                console().log(f"step {step.step}/{step.total}: loss {step.loss:.4f}, val {step.val_loss:.4f}")
+                console(stderr=True).log(
+                    f"step {step.step}/{step.total}: loss {step.loss:.4f}, val {step.val_loss:.4f}"
+                )
             progress(step.step, step.total)
 
         yield on_step
@@ -218,7 +220,7 @@ def loop(as_json: bool, only: tuple[str, ...], max_steps: int | None, **opts: An
     config = LoraConfig(**({"max_steps": max_steps} if max_steps else {}))
     with _errors():
         box = _box(**opts)
-        report = run_loop(box, config, list(only) or None, log=lambda msg: console().log(msg))
+        report = run_loop(box, config, list(only) or None, log=lambda msg: console(stderr=True).log(msg))
     _emit(
         report,
         as_json,

@@ -111,6 +111,19 @@ def _dataset(data_url: str, kind: str) -> ds.Dataset | None:
     return ds.dataset(f"{root}/{kind}", filesystem=fs, format="parquet", partitioning="hive")
 
 
+def task_counts(data_url: str) -> dict[str, int]:
+    """Collected traces per task, reading only the task column."""
+    traces_ds = _dataset(data_url, "traces")
+    if traces_ds is None:
+        return {}
+    column = traces_ds.to_table(columns=["task"]).column("task").to_pylist()
+    counts: dict[str, int] = {}
+    for name in column:
+        if name:
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
 def read_traces(data_url: str, task: str | None = None) -> list[CollectedTrace]:
     """Every collected trace (of one task when given), oldest first, with its feedback attached."""
     traces_ds = _dataset(data_url, "traces")

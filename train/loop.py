@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from slm_agent.errors import SlmAgentError
 from slm_agent.train.box import TrainingBox
-from slm_agent.train.collected import read_traces
+from slm_agent.train.collected import task_counts
 from slm_agent.train.report import markdown_table, write_report
 from slm_agent.train.settings import LoraConfig
 
@@ -32,8 +32,7 @@ def run_loop(
     box: TrainingBox, config: LoraConfig, only: list[str] | None = None, log: Callable[[str], None] = print
 ) -> LoopReport:
     """One pass; a task's failure is reported and the loop goes on with the next task."""
-    collected = {t.task for t in read_traces(box.settings.data) if t.task}
-    names = [n for n in (only or sorted(collected)) if box.tasks.has(n)]
+    names = [n for n in (only or sorted(task_counts(box.settings.data))) if box.tasks.has(n)]
     report = LoopReport()
     for name in names:
         log(f"{name}: building dataset")

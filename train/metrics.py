@@ -13,7 +13,6 @@ import re
 import string
 from collections import Counter
 from collections.abc import Callable, Iterator
-from functools import lru_cache
 from typing import Any
 
 import jsonschema
@@ -21,6 +20,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from slm_agent.errors import BadRequestError, SchemaError
+from slm_agent.runtime.router import schema_error
 from slm_agent.runtime.tasks import Task
 
 FieldPath = tuple[str | int, ...]
@@ -133,24 +133,11 @@ def _equal(a: Any, b: Any, text: Callable[[str], str] = _as_is) -> bool:
 # -- json ----------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=256)
-def _validator(schema_json: str) -> Any:
-    schema = json.loads(schema_json)
-    cls = jsonschema.validators.validator_for(schema)
+def _schema_error(instance: Any, schema: dict[str, Any]) -> str | None:
     try:
-        cls.check_schema(schema)
+        return schema_error(instance, schema)
     except jsonschema.exceptions.SchemaError as exc:
         raise SchemaError(f"invalid JSON schema: {exc.message}; fix the task or tool definition") from exc
-    return cls(schema)
-
-
-def _schema_error(instance: Any, schema: dict[str, Any]) -> str | None:
-    validator = _validator(json.dumps(schema, sort_keys=True))
-    error = jsonschema.exceptions.best_match(validator.iter_errors(instance))
-    if error is None:
-        return None
-    where = "/".join(str(p) for p in error.absolute_path) or "(root)"
-    return f"{where}: {error.message}"
 
 
 def _score_json(prediction: str, reference: str, schema: dict[str, Any]) -> ExampleScore:
