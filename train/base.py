@@ -17,6 +17,20 @@ from slm_agent.errors import BadRequestError
 log = logging.getLogger(__name__)
 
 
+def require_training_stack() -> None:
+    """A clear error instead of an ImportError when the box lacks the `[train]` extra."""
+    import importlib
+
+    for module in ("torch", "transformers", "peft", "safetensors"):
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise BadRequestError(
+                f"training needs {module}, which is not installed: pip install 'slm-agent[train]'",
+                code="missing_dependency",
+            ) from exc
+
+
 def pick_device(wanted: str) -> str:
     import torch
 

@@ -106,6 +106,9 @@ class TrainingBox:
         on_step: Callable[[StepReport], None] | None = None,
     ) -> LoraReport:
         """Fine-tune, convert to GGUF and check parity; a failed parity leaves no adapter.gguf."""
+        from slm_agent.train.base import require_training_stack
+
+        require_training_stack()
         import torch
 
         from slm_agent.quantize.lora_gguf import convert_peft_adapter
