@@ -233,3 +233,21 @@ def test_cli_builds_a_dataset_and_explains_failures(tmp_path, shared_store, monk
     assert json.loads(result.output)["examples"] == 60
     result = CliRunner().invoke(main, [*args[:2], "nope", *args[3:]])
     assert result.exit_code == 1 and "unknown task 'nope'" in result.output
+
+
+def test_inputs_are_read_back_as_the_daemon_put_them_in_the_prompt():
+    from slm_agent.train.collected import request_text
+
+    assert request_text({"b": 1, "a": "é"}, "tasks") == '{"b": 1, "a": "é"}'  # key order and unicode kept
+    assert request_text({"messages": [1]}, "tasks") == '{"messages": [1]}'  # an input object, not a chat
+    chat = [
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "ok"},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "a"}, {"type": "image_url"}, {"type": "text", "text": "b"}],
+        },
+    ]
+    assert request_text(chat, "chat.completions") == "ab"
+    assert request_text({"messages": chat[:1]}, "chat.completions") == "first"
+    assert request_text([], "chat.completions") is None

@@ -219,7 +219,12 @@ class TrainingBox:
     def candidates(self, name: str) -> list[Candidate]:
         base = self.base()
         base_path = self.store.path_of(base)
-        found = [Candidate(name=base.name, kind="base", model_path=base_path, size_bytes=base.size)]
+        fmt = base.prompt_format
+        found = [
+            Candidate(
+                name=base.name, kind="base", model_path=base_path, prompt_format=fmt, size_bytes=base.size
+            )
+        ]
         ws = self.workspace(name)
         current = self.published(name)
         runs = sorted(ws.runs.glob("*/adapter.gguf")) if ws.runs.is_dir() else []
@@ -232,6 +237,7 @@ class TrainingBox:
                         kind="adapter",
                         model_path=base_path,
                         adapter_path=path,
+                        prompt_format=fmt,
                         size_bytes=base.size + path.stat().st_size,
                     )
                 )
@@ -243,6 +249,7 @@ class TrainingBox:
                     kind="published",
                     model_path=base_path,
                     adapter_path=path,
+                    prompt_format=fmt,
                     size_bytes=base.size + current.size,
                 )
             )
@@ -253,6 +260,7 @@ class TrainingBox:
                         name=other.name,
                         kind="other_base",
                         model_path=self.store.path_of(other),
+                        prompt_format=other.prompt_format,
                         size_bytes=other.size,
                     )
                 )
@@ -317,7 +325,12 @@ class TrainingBox:
                 f"({why}); nothing was published",
                 code="not_better",
             )
-        lora_report = LoraReport.model_validate_json((ws.run(run_id) / "lora.json").read_text())
+        lora_path = ws.run(run_id) / "lora.json"
+        if not lora_path.exists():
+            raise NotFoundError(
+                f"run {run_id} of {name!r} has no lora report: train it with `train lora --run {run_id}`"
+            )
+        lora_report = LoraReport.model_validate_json(lora_path.read_text())
         metrics = {
             "exact_match": best.metrics.exact_match,
             "f1": best.metrics.f1,

@@ -83,21 +83,23 @@ def _json(value: Any) -> Any:
     return value
 
 
-def request_text(request: Any) -> str | None:
-    """The input a task call worked on: the task API's input, or a chat's last user message."""
-    if isinstance(request, str):
-        return request
-    if isinstance(request, dict):
-        if "messages" in request:
-            return request_text(request["messages"])
-        return json.dumps(request, ensure_ascii=False, sort_keys=True)
-    if isinstance(request, list):
-        for message in reversed(request):
-            if isinstance(message, dict) and message.get("role") == "user":
-                content = message.get("content")
-                if isinstance(content, list):  # content parts: keep the text ones
-                    return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-                return content if isinstance(content, str) else None
+def request_text(request: Any, endpoint: str) -> str | None:
+    """The input a task call worked on, as the daemon put it in the prompt.
+
+    The task API's input (a JSON object is dumped as the daemon dumps it), or a chat's last user
+    message.
+    """
+    if endpoint == "tasks":
+        return request if isinstance(request, str) else json.dumps(request, ensure_ascii=False)
+    messages = request.get("messages") if isinstance(request, dict) else request
+    for message in reversed(messages if isinstance(messages, list) else []):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):  # content parts: the text ones, as ChatMessage.text() joins them
+                return "".join(
+                    p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
+                )
+            return content if isinstance(content, str) else None
     return None
 
 
@@ -167,7 +169,7 @@ def read_traces(data_url: str, task: str | None = None) -> list[CollectedTrace]:
                 route=row.get("route") or "local",
                 status=row.get("status") or 200,
                 error=row.get("error"),
-                input=request_text(request),
+                input=request_text(request, row["endpoint"]),
                 tools=_json(row.get("tools")),
                 response=row.get("response"),
                 output=_json(row.get("output")),

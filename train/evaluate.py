@@ -29,6 +29,7 @@ class Candidate(BaseModel):
     kind: CandidateKind
     model_path: Path | None = None
     adapter_path: Path | None = None
+    prompt_format: PromptFormat | None = Field(None, description="The base's format (free-text stops).")
     size_bytes: int = Field(0, description="Base file plus adapter file: what a device must hold.")
 
 
@@ -91,9 +92,8 @@ def run_candidates(
                     engine.load_adapter(cand.name, cand.adapter_path)
                 scores, latencies = [], []
                 for example in test:
-                    prefix, body, stop, grammar = task_prompt(
-                        task, example.input, example.tools, PromptFormat(), None
-                    )
+                    fmt = task.prompt_format or cand.prompt_format or PromptFormat()
+                    prefix, body, stop, grammar = task_prompt(task, example.input, example.tools, fmt, None)
                     req = engine.prepare(
                         GenerationRequest(
                             prefix=prefix,

@@ -271,10 +271,10 @@ def train(
     started = time.perf_counter()
     steps_done_here = 0
     loss_value = float("nan")
-    stopped_early = False
+    stopped_early = state["bad"] >= config.patience  # a resumed run that had stopped stays stopped
     model.train()
     step = state["step"]
-    while step < total:
+    while step < total and not stopped_early:
         batch = collate([train_set[i] for i in plan[step]], device, share_prefix=share)
         loss = batch_loss(model, batch)
         loss.backward()
