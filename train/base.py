@@ -58,6 +58,12 @@ def load_base(
     if qlora:
         if device != "cuda":
             raise BadRequestError("QLoRA (4-bit base) needs a CUDA GPU; train without --qlora on CPU")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            raise BadRequestError(
+                "QLoRA needs bitsandbytes on the GPU box: pip install bitsandbytes"
+            ) from exc
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
