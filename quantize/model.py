@@ -147,7 +147,8 @@ def _llama_log(lines: list[str], errors: list[str], on_progress: ProgressFn | No
     """Route llama.cpp's log into ``lines``, its errors into ``errors`` and tensor counts into
     ``on_progress`` while quantizing, instead of onto stderr."""
     import llama_cpp
-    from llama_cpp import _logger
+
+    from slm_agent.models import llama_log
 
     pending: list[str] = []
 
@@ -174,7 +175,7 @@ def _llama_log(lines: list[str], errors: list[str], on_progress: ProgressFn | No
     try:
         yield
     finally:
-        # Back to llama-cpp-python's own handler; `callback` stays referenced until here.
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        # Back to the usual handler; `callback` stays referenced until here.
+        llama_log.install()
         if pending:
             lines.append("".join(pending))

@@ -35,6 +35,9 @@ def llama_answer_loss(
     """Token-weighted mean cross-entropy of the answers given their prompts, on llama.cpp."""
     from llama_cpp import Llama
 
+    from slm_agent.models import llama_log
+
+    llama_log.install()
     if not pairs:
         raise BadRequestError("no examples to measure the loss on")
     width = max(len(p) + len(a) for p, a in pairs)

@@ -29,6 +29,7 @@ from slm_agent.errors import (
     SlmAgentError,
     UnavailableError,
 )
+from slm_agent.models import llama_log
 from slm_agent.runtime import prefix_cache
 from slm_agent.runtime.decoding import TextAssembler
 from slm_agent.runtime.prefix_cache import PrefixCache
@@ -134,6 +135,8 @@ class Engine:
     # -- lifecycle -------------------------------------------------------------------------------
     def load(self) -> None:
         from llama_cpp import Llama
+
+        llama_log.install()
 
         started = time.perf_counter()
         self._llm = Llama(

@@ -295,7 +295,8 @@ def card_markdown(card: DatasetCard) -> str:
     )
     return (
         "\n\n".join(
-            [
+            part.strip()
+            for part in [
                 f"# Dataset card: {card.task}",
                 f"{card.examples} examples from {card.traces} collected traces; base `{card.base_model}`, "
                 f"tokenized with llama.cpp's tokenizer of `{card.tokenizer}`; built {card.created_at}.",

@@ -26,6 +26,9 @@ class ServingTokenizer:
         import llama_cpp
         from llama_cpp._internals import LlamaModel
 
+        from slm_agent.models import llama_log
+
+        llama_log.install()
         params = llama_cpp.llama_model_default_params()
         params.vocab_only = True
         return LlamaModel(path_model=str(self.model_path), params=params, verbose=False)
