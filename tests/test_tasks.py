@@ -80,3 +80,14 @@ def test_tasks_cli(tmp_path: Path) -> None:
     assert runner.invoke(cli, ["tasks", "rm", "summarize"]).exit_code == 0
     missing = runner.invoke(cli, ["tasks", "show", "summarize"])
     assert missing.exit_code == 1 and "unknown task" in missing.output
+
+
+def test_trained_adapters_bind_to_tasks_unless_a_task_file_pins_one(tmp_path):
+    (tmp_path / "pinned.toml").write_text('kind = "text"\nadapter = "mine"\n')
+    registry = TaskRegistry(tmp_path)
+    assert registry.bind_adapter("extract", "extract-v1").adapter == "extract-v1"  # type: ignore[union-attr]
+    assert registry.bind_adapter("extract", "extract-v2").adapter == "extract-v2"  # type: ignore[union-attr]
+    assert registry.bind_adapter("pinned", "pinned-v1") is None and registry.get("pinned").adapter == "mine"
+    assert registry.bind_adapter("nope", "x") is None
+    registry.reload()  # a binding outlives a reload of the task files
+    assert registry.get("extract").adapter == "extract-v2"
