@@ -11,10 +11,8 @@ examples, ready to be written as a task TOML file.
 from __future__ import annotations
 
 import math
-import re
 import time
 import tomllib
-import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -28,7 +26,7 @@ from slm_agent.atomic import write_atomic
 from slm_agent.errors import BadRequestError, ConflictError
 from slm_agent.progress import ProgressFn
 from slm_agent.quantize.encoder import Encoder, ensure_encoder
-from slm_agent.runtime.tasks import TASK_NAME_RE, Example, builtin_tasks, parse_task
+from slm_agent.runtime.tasks import TASK_NAME_RE, Example, parse_task
 from slm_agent.train.collected import CollectedTrace
 from slm_agent.train.contract import (
     AnswerShape,
@@ -41,6 +39,7 @@ from slm_agent.train.contract import (
     instructions,
     is_tool_call,
 )
+from slm_agent.train.names import TaskNames
 from slm_agent.train.task_toml import task_toml
 
 DEFAULT_MIN_SIZE = 5
@@ -111,7 +110,7 @@ def discover(
     vectors = _embed(encoder, inputs, on_progress)
     answers = [answer_of(t) for t in usable]
     groups = _split_by_shape(_cluster(vectors, threshold), [answer_shape(a) for a in answers])
-    names = _Names(inputs, answers)
+    names = TaskNames(inputs, answers)
     proposals = []
     for cluster_id, members in enumerate(groups):
         if len(members) < min_size:
@@ -190,7 +189,7 @@ def _propose(
     traces: list[CollectedTrace],
     vectors: np.ndarray,
     total: int,
-    names: _Names,
+    names: TaskNames,
     members: list[int],
 ) -> TaskProposal:
     centroid = vectors.mean(axis=0)
@@ -265,65 +264,6 @@ def _max_tokens(texts: list[str]) -> int:
 def _clip(text: str, width: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 1] + "…"
-
-
-# -- names -----------------------------------------------------------------------------------------
-class _Names:
-    """Names from the words most distinctive of a cluster against the rest (document frequency
-    inside minus outside), unique across proposals and clear of built-in tasks.
-
-    A trace's words are its input's plus its answer's structure (JSON keys, the tool called):
-    templated inputs share few words, while one task's answers share their whole shape.
-    """
-
-    def __init__(self, inputs: list[str], answers: list[Any]) -> None:
-        self.words = [
-            list(dict.fromkeys(_words(text) + _words(" ".join(_structure(answer)))))
-            for text, answer in zip(inputs, answers, strict=True)
-        ]
-        self.builtin = {t.name for t in builtin_tasks()}
-        self.used: set[str] = set()
-
-    def suggest(self, members: list[int], existing: str | None) -> tuple[str, list[str]]:
-        member_set = set(members)
-        inside = Counter(w for i in members for w in self.words[i])  # first-seen order breaks ties
-        outside = Counter(w for i, ws in enumerate(self.words) if i not in member_set for w in ws)
-        n_in, n_out = len(members), max(len(self.words) - len(members), 1)
-        scores = {w: inside[w] / n_in - outside[w] / n_out for w in inside if inside[w] / n_in >= 0.2}
-        keywords = [w for w in sorted(scores, key=lambda w: -scores[w]) if scores[w] > 0][:5]
-        # Traces that already carry a task name keep it (even a built-in's): that task is what they are.
-        if existing and TASK_NAME_RE.match(existing) and existing not in self.used:
-            self.used.add(existing)
-            return existing, keywords
-        taken = self.used | self.builtin
-        candidates = ["-".join(keywords[:2])] if keywords else []
-        candidates += ["-".join(keywords[:3])] if len(keywords) > 2 else []
-        base = next((c for c in candidates if c not in taken), candidates[0] if candidates else "task")
-        name, n = base, 2
-        while name in taken or not TASK_NAME_RE.match(name):
-            name, n = f"{base[:56]}-{n}", n + 1
-        self.used.add(name)
-        return name, keywords
-
-
-def _structure(answer: Any) -> list[str]:
-    if is_tool_call(answer):
-        return [str(answer["name"]).replace("_", " ")]
-    return [str(k).replace("_", " ") for k in answer] if isinstance(answer, dict) else []
-
-
-_STOP_WORDS: frozenset[str] | None = None
-
-
-def _words(text: str) -> list[str]:
-    global _STOP_WORDS
-    if _STOP_WORDS is None:
-        from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
-
-        _STOP_WORDS = frozenset(ENGLISH_STOP_WORDS)
-    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
-    # Words of letters only: numbers, ids and e-mail hosts vary per request and name nothing.
-    return [w for w in re.findall(r"(?<![\w@.])[a-z]{3,}(?![\w@])", ascii_text) if w not in _STOP_WORDS]
 
 
 # -- task files ------------------------------------------------------------------------------------
