@@ -32,7 +32,9 @@ def download(spec: str, cache_dir: Path | None = None) -> tuple[Path, str]:
                     f"{repo} has {len(ggufs)} .gguf files ({', '.join(ggufs[:8])}): pick one as {repo}:FILE"
                 )
             filename = ggufs[0]
-        path = hf_hub_download(repo, filename, cache_dir=cache_dir)
+        # huggingface_hub reads HF_HUB_OFFLINE once, at import; ask it per call so the variable
+        # always counts (offline, a pull fails at once instead of retrying the network).
+        path = hf_hub_download(repo, filename, cache_dir=cache_dir, local_files_only=_offline())
     except LocalEntryNotFoundError as exc:
         raise OfflineError(
             f"{repo}:{filename} is not in the local Hugging Face cache and the hub cannot be reached "

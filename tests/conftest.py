@@ -20,6 +20,10 @@ from slm_agent.models import BUNDLED_NAME, ModelManifest, ModelStore, ensure_bun
 # The remote LLM (llama-cpp-python's server) and the fault server, for every test module.
 pytest_plugins = ["remote_fixtures"]
 
+# No test reaches the Hugging Face Hub. Set before any fixture runs: session fixtures (the
+# encoder export) import huggingface_hub, which reads this variable once, at import.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:

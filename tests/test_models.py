@@ -150,3 +150,17 @@ def test_models_cli(
     assert result.exit_code == 1 and "Hugging Face cache" in result.output
     result = runner.invoke(cli, ["models", "rm", "cli-lora"])
     assert result.exit_code == 0 and "removed lora-adapter cli-lora" in result.output
+
+
+def test_offline_is_honoured_even_if_the_hub_library_was_imported_online(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants, file_download
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the hub was asked while HF_HUB_OFFLINE is set")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # as if imported before the variable was set
+    monkeypatch.setattr(file_download, "get_hf_file_metadata", no_network)
+    with pytest.raises(OfflineError, match="not in the local Hugging Face cache"):
+        download("someone/some-model-GGUF:model.gguf", cache_dir=tmp_path)
