@@ -112,16 +112,18 @@ def dataset(task: str, as_json: bool, **opts: Any) -> None:
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Train on the base's Hugging Face original instead of the dequantized GGUF.",
 )
-@click.option("--rank", type=int)
-@click.option("--alpha", type=float)
-@click.option("--lr", "learning_rate", type=float)
-@click.option("--epochs", type=float)
-@click.option("--max-steps", type=int)
-@click.option("--batch-size", type=int)
-@click.option("--eval-every", type=int)
-@click.option("--patience", type=int)
-@click.option("--seed", type=int)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--rank", type=int, help="LoRA rank (default 8).")
+@click.option("--alpha", type=float, help="LoRA alpha (default 16).")
+@click.option("--lr", "learning_rate", type=float, help="Learning rate (default 1e-3).")
+@click.option("--epochs", type=float, help="Passes over the training split (default 3).")
+@click.option("--max-steps", type=int, help="Stop after this many steps (overrides --epochs).")
+@click.option("--batch-size", type=int, help="Examples per step (default 8).")
+@click.option("--eval-every", type=int, help="Steps between val-loss checks and checkpoints.")
+@click.option("--patience", type=int, help="Val checks without improvement before stopping.")
+@click.option("--seed", type=int, help="Seed for initialisation and batch order (default 0).")
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Default: GPU when torch sees one."
+)
 @click.option("--qlora", is_flag=True, default=None, help="4-bit base via bitsandbytes (GPU).")
 def lora(task: str, as_json: bool, run_id: str | None, hf_path: Path | None, **opts: Any) -> None:
     """Fine-tune a LoRA adapter for TASK, convert it to GGUF and check parity with llama.cpp.
