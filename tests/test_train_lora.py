@@ -10,7 +10,7 @@ import pytest
 from train_task import TASK_TOML, shipments
 
 from slm_agent.collector.storage import TraceStorage
-from slm_agent.errors import BadRequestError, NotFoundError
+from slm_agent.errors import BadRequestError, ConflictError, NotFoundError
 from slm_agent.quantize.lora_gguf import convert_peft_adapter
 from slm_agent.quantize.parity import check_parity
 from slm_agent.runtime.tasks import TaskRegistry
@@ -139,6 +139,15 @@ def test_an_adapter_that_fails_parity_is_neither_kept_nor_published(box):
     with pytest.raises(NotFoundError, match="no eval report"):
         box.publish("shipment")
     assert not box.settings.publish_dir.exists() or not list(box.settings.publish_dir.iterdir())
+
+
+def test_a_dataset_built_for_an_older_task_definition_is_refused(box):
+    tasks_dir = box.tasks.tasks_dir
+    (tasks_dir / "shipment.toml").write_text(TASK_TOML.replace("as JSON.", "as JSON, please."))
+    box.tasks.reload()
+    with pytest.raises(ConflictError, match="changed since its dataset was built"):
+        box.lora("shipment", LoraConfig(max_steps=1))
+    assert not box.workspace("shipment").runs.exists()
 
 
 def test_a_base_without_trainable_weights_is_refused(tmp_path):

@@ -6,12 +6,12 @@ import json
 
 import pytest
 from lora import make_lora
-from train_task import TASK_TOML
+from train_task import TASK_TOML, shipment_task
 
 from slm_agent.errors import BadRequestError, ConflictError
 from slm_agent.runtime.tasks import TaskRegistry
 from slm_agent.train.box import LoraReport, TrainingBox
-from slm_agent.train.dataset import DatasetCard, LengthStats
+from slm_agent.train.dataset import DatasetCard, LengthStats, task_sha256
 from slm_agent.train.evaluate import CandidateResult, EvalReport, select
 from slm_agent.train.lora import TrainResult
 from slm_agent.train.metrics import TaskMetrics
@@ -33,7 +33,7 @@ def box(tmp_path, shared_store, model_path, bundled) -> TrainingBox:
     stats = LengthStats(min=1, mean=1, p95=1, max=1)
     card = DatasetCard(
         task="shipment",
-        task_sha256="t",
+        task_sha256=task_sha256(shipment_task()),
         base_model=bundled.name,
         tokenizer="x",
         dataset_sha256="d1",

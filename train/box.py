@@ -21,7 +21,7 @@ from slm_agent.runtime.sync_pull import scan_publish_dir
 from slm_agent.runtime.sync_wire import PublishedAdapter
 from slm_agent.runtime.tasks import Task, TaskRegistry
 from slm_agent.train.collected import read_traces
-from slm_agent.train.dataset import DatasetCard, build_dataset, load_card, load_split
+from slm_agent.train.dataset import DatasetCard, build_dataset, load_card, load_split, task_sha256
 from slm_agent.train.evaluate import Candidate, EvalReport, eval_markdown, plot_report, run_candidates, select
 from slm_agent.train.lora import StepReport, TrainResult
 from slm_agent.train.report import markdown_table, plot_curve, write_report
@@ -78,6 +78,16 @@ class TrainingBox:
     def base_path(self) -> Path:
         return self.store.path_of(self.base())
 
+    def current_card(self, name: str) -> DatasetCard:
+        """The task's dataset card, refused when the task's prompt or contract changed since."""
+        card = load_card(self.workspace(name).dataset)
+        if card.task_sha256 != task_sha256(self.task(name)):
+            raise ConflictError(
+                f"task {name!r} changed since its dataset was built (prompts would not match what the "
+                f"daemon serves): run `slm-agent train dataset {name}` again"
+            )
+        return card
+
     # -- steps -----------------------------------------------------------------------------------
     def dataset(self, name: str, on_progress: ProgressFn | None = None) -> DatasetCard:
         task = self.task(name)
@@ -117,7 +127,7 @@ class TrainingBox:
         from slm_agent.train.base import load_base, pick_device
 
         ws = self.workspace(name)
-        card = load_card(ws.dataset)
+        card = self.current_card(name)
         train_set, val_set = load_split(ws.dataset, "train"), load_split(ws.dataset, "val")
         base = self.base()
         run_id = run or datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
@@ -270,7 +280,7 @@ class TrainingBox:
     def evaluate(self, name: str, *, bar: float = 0.9, on_progress: ProgressFn | None = None) -> EvalReport:
         task = self.task(name)
         ws = self.workspace(name)
-        card = load_card(ws.dataset)
+        card = self.current_card(name)
         test = load_split(ws.dataset, "test")
         started = time.perf_counter()
         results = run_candidates(task, test, self.candidates(name), on_progress=on_progress)
@@ -301,7 +311,7 @@ class TrainingBox:
         if not path.exists():
             raise NotFoundError(f"task {name!r} has no eval report: run `slm-agent train eval {name}` first")
         report = EvalReport.model_validate_json(path.read_text())
-        card = load_card(ws.dataset)
+        card = self.current_card(name)
         if report.dataset_sha256 != card.dataset_sha256:
             raise ConflictError(
                 f"the eval report predates the current dataset of {name!r}: run `train eval` again"
