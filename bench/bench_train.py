@@ -164,7 +164,7 @@ def main() -> None:
         run = Path(tmp) / "run"
         config = LoraConfig(max_steps=args.steps, eval_every=5)
         started = time.perf_counter()
-        result, model = lora.train(
+        result, _ = lora.train(
             load_base(gguf, base_manifest.sha256, cache),
             train_set,
             val_set,
@@ -173,18 +173,14 @@ def main() -> None:
             dataset_sha256="bench",
         )
         trained_s = time.perf_counter() - started
-        with torch.no_grad():
-            peft_loss = lora.mean_loss(model, val_set, 8, "cpu")
-            with model.disable_adapter():
-                base_loss = lora.mean_loss(model, val_set, 8, "cpu")
         convert_peft_adapter(run / "peft", gguf, run / "adapter.gguf")
         parity = check_parity(
             gguf,
             run / "adapter.gguf",
-            [(e.prompt_ids, e.answer_ids) for e in val_set],
-            peft_loss,
+            [(e.prompt_ids, e.answer_ids) for e in lora.eval_set(train_set, val_set, config)],
+            result.best_val_loss,
             0.1,
-            base_loss,
+            result.base_val_loss,
         )
         print(
             f"\ntrained {result.steps} steps on {len(train_set)} examples in {trained_s:.0f}s "

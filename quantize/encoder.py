@@ -26,6 +26,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from slm_agent import locations
+from slm_agent.atomic import replace_dir
 from slm_agent.errors import BadRequestError, ConflictError, ModelStoreError, NotFoundError
 from slm_agent.models.hashing import sha256_file
 from slm_agent.progress import ProgressFn
@@ -254,7 +255,7 @@ def build_encoder(
         )
         shutil.rmtree(fp32_dir)
         (partial / MANIFEST).write_text(manifest.model_dump_json(indent=2))
-        _move_into_place(partial, out)
+        replace_dir(partial, out)
         progress(4, _BUILD_STEPS)
         log.info("built encoder %s in %.1fs (%s)", out, time.monotonic() - started, manifest.strategy)
         return manifest
@@ -379,16 +380,6 @@ def _onnx_bytes(model: Path) -> int:
     """The graph plus any external weights file beside it (models over 2 GB)."""
     external = model.with_name(model.name + "_data")
     return model.stat().st_size + (external.stat().st_size if external.is_file() else 0)
-
-
-def _move_into_place(partial: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.{os.getpid()}.old")
-        os.replace(out, old)
-        os.replace(partial, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(partial, out)
 
 
 def _slug(text: str) -> str:

@@ -13,12 +13,12 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
 from slm_agent.errors import BadRequestError, ConflictError, ModelStoreError, NotFoundError
+from slm_agent.models import llama_log
 from slm_agent.models.gguf_info import is_adapter, read_info
 from slm_agent.models.hashing import sha256_file
 from slm_agent.progress import ProgressFn
@@ -48,7 +48,6 @@ QUANT_TYPES: tuple[str, ...] = (
 
 # llama.cpp logs one "[  12/ 236] blk.0.attn_k.weight - ..." line per tensor it writes.
 _TENSOR_LINE = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")
-_GGML_LOG_LEVEL_ERROR = 4  # ggml_log_level: 0 none, 1 debug, 2 info, 3 warn, 4 error, 5 cont
 
 
 class QuantizeResult(BaseModel):
@@ -113,9 +112,18 @@ def quantize_model(
     params.allow_requantize = allow_requantize
     lines: list[str] = []
     errors: list[str] = []
+
+    def on_line(level: int, line: str) -> None:
+        if level == llama_log.GGML_ERROR:
+            errors.append(line)
+        if on_progress and (match := _TENSOR_LINE.search(line)):
+            on_progress(int(match.group(1)), int(match.group(2)))
+        lines.append(line)
+        del lines[:-64]
+
     started = time.monotonic()
     try:
-        with _llama_log(lines, errors, on_progress):
+        with llama_log.capture(on_line):
             code = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if code != 0:
             why = " ".join(e.strip() for e in errors) or "\n".join(lines[-3:])
@@ -140,42 +148,3 @@ def quantize_model(
     )
     log.info("quantized %s -> %s (%s) in %.1fs", src, dst, result.file_type, seconds)
     return result
-
-
-@contextlib.contextmanager
-def _llama_log(lines: list[str], errors: list[str], on_progress: ProgressFn | None) -> Iterator[None]:
-    """Route llama.cpp's log into ``lines``, its errors into ``errors`` and tensor counts into
-    ``on_progress`` while quantizing, instead of onto stderr."""
-    import llama_cpp
-
-    from slm_agent.models import llama_log
-
-    pending: list[str] = []
-
-    def handle(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        # An exception must not cross back into C: swallow everything here.
-        try:
-            chunk = text.decode("utf-8", errors="replace")
-            if level == _GGML_LOG_LEVEL_ERROR:
-                errors.append(chunk)
-            if on_progress and (match := _TENSOR_LINE.search(chunk)):
-                on_progress(int(match.group(1)), int(match.group(2)))
-            pending.append(chunk)
-            if "\n" in chunk:
-                for line in "".join(pending).splitlines():
-                    log.debug("llama.cpp: %s", line)
-                    lines.append(line)
-                del lines[:-64]
-                pending.clear()
-        except Exception:
-            pass
-
-    callback: Callable[[int, bytes, ctypes.c_void_p], None] = llama_cpp.llama_log_callback(handle)
-    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
-    try:
-        yield
-    finally:
-        # Back to the usual handler; `callback` stays referenced until here.
-        llama_log.install()
-        if pending:
-            lines.append("".join(pending))

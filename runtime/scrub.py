@@ -84,7 +84,8 @@ class Sanitizer:
     def __init__(self) -> None:
         self._redactor = Redactor()
 
-    def clean(self, row: dict[str, Any]) -> dict[str, Any]:
+    def clean(self, row: dict[str, Any], counts: dict[str, int] | None = None) -> dict[str, Any]:
+        """The row scrubbed; ``counts`` (when given) gains the values replaced, by kind."""
         # One mapping per row: the same e-mail in request and response gets the same placeholder,
         # which training needs; the mapping itself dies with this call.
         mapping: dict[str, str] = {}
@@ -95,8 +96,12 @@ class Sanitizer:
                 continue
             value = scrub_secrets(value)
             if isinstance(value, str):
-                value = self._redactor.redact(value, mapping).text
+                redaction = self._redactor.redact(value, mapping)
+                value, found = redaction.text, redaction.counts
             else:
-                value = self._redactor.redact_json(value, mapping)[0]
+                value, _, found = self._redactor.redact_json(value, mapping)
+            if counts is not None:
+                for kind, n in found.items():
+                    counts[kind] = counts.get(kind, 0) + n
             out[name] = value
         return out

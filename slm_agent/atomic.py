@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -32,3 +33,17 @@ def write_atomic(path: Path, data: bytes, *, tmp_prefix: str | None = None) -> N
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def replace_dir(staged: Path, target: Path) -> None:
+    """Swap a fully written folder into ``target``: a reader sees the old folder or the new one.
+
+    The old folder is renamed aside first and deleted only after the new one is in place.
+    """
+    staged, target = Path(staged), Path(target)
+    old = target.with_name(f".{target.name}.{os.getpid()}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staged, target)
+    shutil.rmtree(old, ignore_errors=True)

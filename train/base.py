@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from slm_agent.atomic import replace_dir
 from slm_agent.errors import BadRequestError
 
 log = logging.getLogger(__name__)
@@ -97,5 +98,4 @@ def _dequantize_to(gguf_path: Path, cache: Path) -> None:
     tmp = cache.with_name(f".{cache.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)
-    shutil.rmtree(cache, ignore_errors=True)
-    tmp.rename(cache)
+    replace_dir(tmp, cache)

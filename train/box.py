@@ -119,8 +119,6 @@ class TrainingBox:
         from slm_agent.train.base import require_training_stack
 
         require_training_stack()
-        import torch
-
         from slm_agent.quantize.lora_gguf import convert_peft_adapter
         from slm_agent.quantize.parity import check_parity
         from slm_agent.train import lora
@@ -141,7 +139,7 @@ class TrainingBox:
             qlora=config.qlora,
             device=device,
         )
-        result, best = lora.train(
+        result, _ = lora.train(
             model,
             train_set,
             val_set,
@@ -151,21 +149,18 @@ class TrainingBox:
             device=device,
             on_step=on_step,
         )
-        # Parity is measured on the adapter that ships: the best checkpoint's weights.
-        held = val_set or train_set[: config.batch_size * 2]
-        with torch.no_grad():
-            peft_loss = lora.mean_loss(best, held, config.batch_size, device)
-            with best.disable_adapter():
-                base_loss = lora.mean_loss(best, held, config.batch_size, device)
+        # Parity is measured on the adapter that ships (the best checkpoint) and on the same
+        # examples its val loss came from.
+        held = lora.eval_set(train_set, val_set, config)
         candidate = run_dir / ".adapter.unchecked.gguf"
         converted = convert_peft_adapter(run_dir / "peft", self.base_path(), candidate)
         parity = check_parity(
             self.base_path(),
             candidate,
             [(e.prompt_ids, e.answer_ids) for e in held],
-            peft_loss,
+            result.best_val_loss,
             self.settings.parity_tolerance,
-            base_loss,
+            result.base_val_loss,
         )
         report = LoraReport(
             task=name,
@@ -206,12 +201,7 @@ class TrainingBox:
         rows = [
             ["steps", f"{t.steps} of {t.total_steps}" + (" (stopped early)" if t.stopped_early else "")],
             ["best step", t.best_step],
-            [
-                "val loss: base → adapter",
-                f"{t.base_val_loss:.4f} → {t.best_val_loss:.4f}"
-                if t.best_val_loss is not None and t.base_val_loss is not None
-                else None,
-            ],
+            ["val loss: base → adapter", f"{t.base_val_loss:.4f} → {t.best_val_loss:.4f}"],
             ["seconds per step", t.seconds_per_step],
             ["trainable parameters", t.trainable_params],
             ["device", t.device],

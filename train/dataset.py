@@ -19,9 +19,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
+from slm_agent.atomic import replace_dir
 from slm_agent.errors import BadRequestError, NotFoundError
-from slm_agent.runtime.redact import Redactor
-from slm_agent.runtime.scrub import scrub_secrets
+from slm_agent.runtime.scrub import Sanitizer
 from slm_agent.runtime.tasks import Task
 from slm_agent.train.collected import CollectedTrace
 from slm_agent.train.dedup import Split, near_duplicate_groups, stable_split
@@ -96,14 +96,6 @@ def task_sha256(task: Task) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-def _scrub(redactor: Redactor, text: str, label: str) -> tuple[str, str, int]:
-    """Input and label share one mapping, so a value copied from input to answer stays aligned."""
-    mapping: dict[str, str] = {}
-    a = redactor.redact(scrub_secrets(text), mapping)
-    b = redactor.redact(scrub_secrets(label), mapping)
-    return a.text, b.text, sum(a.counts.values()) + sum(b.counts.values())
-
-
 def build_dataset(
     task: Task,
     traces: list[CollectedTrace],
@@ -147,13 +139,15 @@ def build_dataset(
     # Best label first (correction, remote, rated local), newest first: dedup keeps the first.
     labeled.sort(key=lambda p: p[0].created_at, reverse=True)
     labeled.sort(key=lambda p: SOURCES.index(p[1].source))
-    redactor = Redactor()
+    # Input and label are one row to the sanitizer: a value copied from input to answer gets the
+    # same placeholder in both.
+    sanitizer = Sanitizer()
+    found: dict[str, int] = {}
     rows: list[tuple[CollectedTrace, str, str, str]] = []
-    redactions = 0
     for trace, lab in labeled:
-        text, label, n = _scrub(redactor, trace.input or "", lab.label)
-        redactions += n
-        rows.append((trace, text, label, lab.source))
+        clean = sanitizer.clean({"input": trace.input or "", "label": lab.label}, found)
+        rows.append((trace, clean["input"], clean["label"], lab.source))
+    redactions = sum(found.values())
     owners = near_duplicate_groups([r[1] for r in rows], near_duplicate)
     examples: list[Example] = []
     for i, (trace, text, label, source) in enumerate(rows):
@@ -265,12 +259,7 @@ def _write(out: Path, examples: list[Example], card: DatasetCard) -> None:
         )
         pq.write_table(table, tmp / f"{split}.parquet")
     write_report(tmp, "card", card, card_markdown(card))
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out)
 
 
 def card_markdown(card: DatasetCard) -> str:

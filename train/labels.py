@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-import jsonschema
 from pydantic import BaseModel
 
+from slm_agent.runtime.router import schema_error
 from slm_agent.runtime.tasks import Task
 from slm_agent.train.collected import CollectedTrace
 
@@ -68,9 +68,7 @@ def canonical(task: Task, answer: Any, tools: list[dict[str, Any]] | None = None
     if not isinstance(value, dict):
         return None
     if task.kind == "json":
-        try:
-            jsonschema.validate(value, task.output_schema or {})
-        except jsonschema.ValidationError:
+        if schema_error(value, task.output_schema or {}) is not None:
             return None
         return json.dumps(_ordered(value, task.output_schema), ensure_ascii=False)
     # tool_call: {"name": ..., "arguments": {...}} for a tool the call offered
@@ -80,9 +78,7 @@ def canonical(task: Task, answer: Any, tools: list[dict[str, Any]] | None = None
     params = _tool_schema(tools or task.tools, name)
     if params is None:
         return None
-    try:
-        jsonschema.validate(arguments, params)
-    except jsonschema.ValidationError:
+    if schema_error(arguments, params) is not None:
         return None
     return json.dumps({"name": name, "arguments": _ordered(arguments, params)}, ensure_ascii=False)
 

@@ -43,8 +43,8 @@ class TrainResult(BaseModel):
     total_steps: int
     stopped_early: bool
     best_step: int
-    best_val_loss: float | None
-    base_val_loss: float | None
+    best_val_loss: float = Field(description="Answer loss on eval_set() with the best adapter.")
+    base_val_loss: float = Field(description="The same loss with the adapter off.")
     final_train_loss: float
     seconds: float
     seconds_per_step: float
@@ -188,6 +188,11 @@ def add_lora(base: Any, config: LoraConfig) -> Any:
     return get_peft_model(base, peft_config)
 
 
+def eval_set(train_set: Sequence[Example], val_set: Sequence[Example], config: LoraConfig) -> list[Example]:
+    """What val loss is measured on: the val split, or a slice of train when val is empty."""
+    return list(val_set) or list(train_set)[: config.batch_size * 2]
+
+
 def plan_batches(n: int, config: LoraConfig) -> list[list[int]]:
     """Every step's example indices, fixed up front by the seed, so a resumed run continues exactly."""
     steps = config.max_steps or max(1, math.ceil(config.epochs * n / config.batch_size))
@@ -237,7 +242,7 @@ def train(
         return max(0.05, 1 - (step - config.warmup_steps) / max(1, total - config.warmup_steps))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-    evaluate = list(val_set) or list(train_set)[: config.batch_size * 2]
+    evaluate = eval_set(train_set, val_set, config)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "checkpoint.pt"
     key = config_key(config, dataset_sha256)
