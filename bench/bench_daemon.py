@@ -257,10 +257,11 @@ def p5(store: Path, home: Path) -> None:
 
 # -- P6: routing + trace overhead ----------------------------------------------------------------
 def p6(store: Path, home: Path) -> None:
-    from slm_agent.runtime.api import build_services
-    from slm_agent.runtime.api_types import ChatCompletionRequest
+    from slm_agent.contracts.api import ChatCompletionRequest
     from slm_agent.runtime.config import load_settings
-    from slm_agent.runtime.service import CallContext
+    from slm_agent.runtime.http.services import build_services
+    from slm_agent.runtime.serving import responses
+    from slm_agent.runtime.serving.context import CallContext
 
     os.environ["SLM_AGENT_HOME"] = str(home / "p6")
     services = build_services(load_settings(store_dir=store, n_threads=THREADS, n_ctx=2048))
@@ -271,11 +272,13 @@ def p6(store: Path, home: Path) -> None:
     )
     for _ in range(200):
         t0 = time.perf_counter()
-        job = services.service.chat_job(request, CallContext(client="127.0.0.1", session_id="bench"))
+        job = services.jobs.chat_job(request, CallContext(client="127.0.0.1", session_id="bench"))
         t1 = time.perf_counter()
         result = services.engine.generate(job.gen)
         t2 = time.perf_counter()
-        services.service.chat_response(job, result)
+        answer = responses.chat_answer(job, result)
+        responses.chat_completion(job, result, answer)
+        services.recorder.local(job, result, answer)
         t3 = time.perf_counter()
         overhead.append(((t1 - t0) + (t3 - t2)) * 1000)
     services.engine.shutdown()

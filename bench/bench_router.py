@@ -16,14 +16,9 @@ import statistics
 import time
 from typing import Any
 
-from slm_agent.runtime.redact import Redactor
-from slm_agent.runtime.router import (
-    RequestFeatures,
-    RuleRouter,
-    confidence,
-    is_planning_request,
-    validate_local_answer,
-)
+from slm_agent.contracts.schemas import validate_local_answer
+from slm_agent.privacy.redactor import Redactor
+from slm_agent.runtime.routing.router import RequestFeatures, RuleRouter, confidence, is_planning_request
 
 N_REQUESTS = 2_000
 TARGET_P95_MS = 2.0

@@ -23,11 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from sync_helpers import CollectorProc, fast_fill
 
+from slm_agent.contracts.wire import CHECKSUM_HEADER, SyncSettings
 from slm_agent.models import BUNDLED_NAME
-from slm_agent.runtime.scrub import Sanitizer
-from slm_agent.runtime.sync import _build_batch, push, read_state, store_ids
-from slm_agent.runtime.sync_wire import CHECKSUM_HEADER, SyncSettings, encode_batch
-from slm_agent.runtime.traces import TraceStore
+from slm_agent.privacy.scrub import Sanitizer
+from slm_agent.runtime.store.traces import TraceStore
+from slm_agent.runtime.sync.push import _build_batch, encode_batch, push
+from slm_agent.runtime.sync.state import read_state, store_ids
 
 DEVICE = "bench-device"
 

@@ -20,16 +20,17 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from train_task import shipment_task, shipments
 
+from slm_agent.contracts.tasks import Task, builtin_tasks
 from slm_agent.models.bundled import BUNDLED_NAME, ensure_bundled
 from slm_agent.models.store import ModelStore
 from slm_agent.runtime.config import load_settings
-from slm_agent.runtime.tasks import Task, builtin_tasks
 from slm_agent.train.dataset import Example
 from slm_agent.train.dedup import stable_split
 from slm_agent.train.labels import canonical
@@ -46,7 +47,7 @@ COMPANIES = ["Acme", "Globex", "Initech", "Umbrella", "Hooli", "Vandelay"]
 CITIES = ["Lisbon", "Oslo", "Osaka", "Lima", "Cairo", "Prague", "Pune", "Turin"]
 
 
-def examples(task: Task, pairs: list[tuple[str, object]], tok: ServingTokenizer) -> list[Example]:
+def examples(task: Task, pairs: Sequence[tuple[str, object]], tok: ServingTokenizer) -> list[Example]:
     out = []
     for i, (text, answer) in enumerate(pairs):
         label = canonical(task, answer)
@@ -68,7 +69,7 @@ def examples(task: Task, pairs: list[tuple[str, object]], tok: ServingTokenizer)
 
 
 def extract_pairs(n: int) -> list[tuple[str, object]]:
-    pairs = []
+    pairs: list[tuple[str, object]] = []
     for i in range(n):
         name, company, city = NAMES[i % 8], COMPANIES[i % 6], CITIES[(i * 3) % 8]
         email = name.lower().replace(" ", ".") + f"{i}@{company.lower()}.example"

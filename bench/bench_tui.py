@@ -14,8 +14,8 @@ from pathlib import Path
 
 from textual.widgets import DataTable
 
-from slm_agent.runtime import monitor_api as mon
-from slm_agent.runtime.traces import TraceStore
+from slm_agent.runtime.store import queries as mon
+from slm_agent.runtime.store.traces import TraceStore
 from slm_agent.tui.app import create_app
 from slm_agent.tui.demo import seed
 from slm_agent.tui.sources import DbSource

@@ -16,6 +16,7 @@ from slm_agent.collector.catalogue import Catalogue
 from slm_agent.collector.ingest import Collector
 from slm_agent.collector.settings import CollectorSettings
 from slm_agent.collector.storage import TraceStorage
+from slm_agent.contracts.wire import CHECKSUM_HEADER, AdapterListing, SyncAck, decode_batch, scan_publish_dir
 from slm_agent.errors import (
     AuthenticationError,
     BadRequestError,
@@ -23,8 +24,6 @@ from slm_agent.errors import (
     NotFoundError,
     SlmAgentError,
 )
-from slm_agent.runtime.sync_pull import scan_publish_dir
-from slm_agent.runtime.sync_wire import CHECKSUM_HEADER, AdapterListing, SyncAck, decode_batch
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from slm_agent.runtime.traces import utcnow
+from slm_agent.contracts.clock import utcnow
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import click
 
+from slm_agent.collector.catalogue import Catalogue
+from slm_agent.collector.ingest import Collector
+from slm_agent.collector.publish import publish_adapter
 from slm_agent.collector.settings import CollectorSettings
-from slm_agent.errors import SlmAgentError
+from slm_agent.collector.storage import TraceStorage
+from slm_agent.commands import CommandGroup, json_option, print_json
 
 
 def _settings(**overrides: Any) -> CollectorSettings:
@@ -25,7 +28,7 @@ _catalogue = click.option(
 )
 
 
-@click.group()
+@click.group(cls=CommandGroup)
 def collector() -> None:
     """Collect device traces into Parquet and serve published adapters (training box)."""
 
@@ -46,6 +49,7 @@ def serve(**overrides: Any) -> None:
         slm-agent collector serve --data /srv/traces --port 8780
         slm-agent collector serve --data s3://bucket/slm-traces --host 0.0.0.0
     """
+    # The web server stack (FastAPI, uvicorn) loads only to serve: the other commands do without it.
     import uvicorn
 
     from slm_agent.collector.app import create_app
@@ -71,8 +75,6 @@ def register(device_id: str, rotate: bool, catalogue: Path | None) -> None:
         # on the device:
         export SLM_AGENT_SYNC_TOKEN=slmdev_...   # and set [sync] device_id = "alice-laptop"
     """
-    from slm_agent.collector.catalogue import Catalogue
-
     cat = Catalogue(_settings(catalogue=catalogue).catalogue)
     try:
         token = cat.register(device_id, rotate=rotate)
@@ -101,8 +103,6 @@ def import_(folder: Path, keep: bool, data: str | None, catalogue: Path | None) 
     collector_ = _open(data, catalogue)
     try:
         result = collector_.import_dir(folder, keep=keep)
-    except SlmAgentError as exc:
-        raise click.ClickException(exc.message) from exc
     finally:
         collector_.catalogue.close()
     click.echo(
@@ -115,7 +115,7 @@ def import_(folder: Path, keep: bool, data: str | None, catalogue: Path | None) 
 
 @collector.command()
 @_catalogue
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option(help="Print JSON.")
 def devices(catalogue: Path | None, as_json: bool) -> None:
     """List registered devices and what each has sent.
 
@@ -125,13 +125,11 @@ def devices(catalogue: Path | None, as_json: bool) -> None:
         slm-agent collector devices
         slm-agent collector devices --json
     """
-    from slm_agent.collector.catalogue import Catalogue
-
     cat = Catalogue(_settings(catalogue=catalogue).catalogue)
     rows = cat.devices()
     cat.close()
     if as_json:
-        click.echo(json.dumps([r.model_dump() for r in rows], indent=2))
+        print_json(rows)
         return
     for r in rows:
         click.echo(
@@ -154,7 +152,7 @@ def stats(data: str | None, catalogue: Path | None) -> None:
     collector_ = _open(data, catalogue)
     totals = collector_.catalogue.totals()
     collector_.catalogue.close()
-    click.echo(json.dumps({**totals, "data": collector_.storage.url}, indent=2))
+    print_json({**totals, "data": collector_.storage.url})
 
 
 @collector.command()
@@ -173,21 +171,12 @@ def publish(
     \b
         slm-agent collector publish out/extract.gguf --name extract-v3 --task extract
     """
-    from slm_agent.collector.publish import publish_adapter
-
     folder = _settings(publish_dir=publish_dir).publish_dir
-    try:
-        manifest = publish_adapter(gguf, folder, name=name, tasks=list(tasks), base_sha256=base_sha256)
-    except SlmAgentError as exc:
-        raise click.ClickException(exc.message) from exc
+    manifest = publish_adapter(gguf, folder, name=name, tasks=list(tasks), base_sha256=base_sha256)
     click.echo(f"published {manifest.name} ({manifest.sha256[:12]}…) in {folder}")
 
 
-def _open(data: str | None, catalogue: Path | None) -> Any:
-    from slm_agent.collector.catalogue import Catalogue
-    from slm_agent.collector.ingest import Collector
-    from slm_agent.collector.storage import TraceStorage
-
+def _open(data: str | None, catalogue: Path | None) -> Collector:
     settings = _settings(data=data, catalogue=catalogue)
     return Collector(TraceStorage(settings.data), Catalogue(settings.catalogue))
 

@@ -17,9 +17,9 @@ from pydantic import BaseModel, Field
 
 from slm_agent.collector.catalogue import BatchRecord, Catalogue
 from slm_agent.collector.storage import TraceStorage
+from slm_agent.contracts.clock import utcnow
+from slm_agent.contracts.wire import BATCH_SUFFIX, SyncAck, SyncBatch, decode_batch
 from slm_agent.errors import BadRequestError, SlmAgentError, StorageFullError
-from slm_agent.runtime.sync_wire import BATCH_SUFFIX, SyncAck, SyncBatch, decode_batch
-from slm_agent.runtime.traces import utcnow
 
 log = logging.getLogger(__name__)
 

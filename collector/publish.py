@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from slm_agent.atomic import write_atomic
+from slm_agent.contracts.wire import MANIFEST_NAME, PublishedAdapter
 from slm_agent.errors import ConflictError
 from slm_agent.models.gguf_info import read_info
 from slm_agent.models.hashing import sha256_file
-from slm_agent.runtime.sync_wire import PublishedAdapter
 
 
 def publish_adapter(
@@ -31,7 +31,7 @@ def publish_adapter(
     """
     source = Path(source)
     folder = Path(publish_dir) / name
-    if (folder / "manifest.json").exists():
+    if (folder / MANIFEST_NAME).exists():
         raise ConflictError(f"adapter {name!r} is already published; publish a new version under a new name")
     folder.mkdir(parents=True, exist_ok=True)
     info = read_info(source)
@@ -50,5 +50,5 @@ def publish_adapter(
         dataset_sha256=dataset_sha256,
         training=training,
     )
-    write_atomic(folder / "manifest.json", manifest.model_dump_json(indent=2).encode())
+    write_atomic(folder / MANIFEST_NAME, manifest.model_dump_json(indent=2).encode())
     return manifest

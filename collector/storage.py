@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from slm_agent.atomic import write_atomic
+from slm_agent.contracts.records import JSON_COLUMNS, FeedbackRecord, TraceRecord
 from slm_agent.errors import StorageFullError
-from slm_agent.runtime.traces import JSON_COLUMNS, FeedbackRecord, TraceRecord
 
 log = logging.getLogger(__name__)
 

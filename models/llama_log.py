@@ -46,7 +46,7 @@ def _handle(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
 
 def install() -> None:
     """Route llama.cpp's log through :data:`log` (idempotent; call before loading a model)."""
-    import llama_cpp
+    import llama_cpp  # here, not at the top: only code about to load a model pays for libllama
 
     if _state["callback"] is None:
         _state["callback"] = llama_cpp.llama_log_callback(_handle)  # kept referenced: C holds it

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
@@ -10,12 +9,14 @@ from pathlib import Path
 import click
 from rich.table import Table
 
+from slm_agent.commands import CommandGroup, json_option, print_json
 from slm_agent.console import console
-from slm_agent.errors import ConflictError, NotFoundError, SlmAgentError
+from slm_agent.errors import ConflictError, NotFoundError
 from slm_agent.models import BUNDLED_NAME, ModelManifest, ModelStore, ensure_bundled
+from slm_agent.models.encoder import default_encoder_dir
 from slm_agent.models.memory import human
 from slm_agent.progress import rich_progress
-from slm_agent.quantize.encoder import DEFAULT_MIN_COSINE, build_encoder, default_encoder_dir, default_source
+from slm_agent.quantize.encoder import DEFAULT_MIN_COSINE, build_encoder, default_source
 from slm_agent.quantize.model import QUANT_TYPES, QuantizeResult, ftype_of, quantize_model
 from slm_agent.runtime.config import load_settings
 
@@ -23,11 +24,7 @@ from slm_agent.runtime.config import load_settings
 _QUANT_SUFFIX = re.compile(r"[-_.](?:i?q\d\w*|f16|bf16|f32)$", re.IGNORECASE)
 
 
-def _fail(exc: SlmAgentError) -> click.ClickException:
-    return click.ClickException(exc.message)
-
-
-@click.group()
+@click.group(cls=CommandGroup)
 def quantize() -> None:
     """Quantize base models (GGUF) and build int8 sentence encoders (ONNX)."""
 
@@ -66,7 +63,7 @@ def output_name(stem: str, qtype: str) -> str:
 @click.option("--threads", type=int, help="Threads to quantize with (default: every core).")
 @click.option("--no-requantize", is_flag=True, help="Refuse sources that are already quantized.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option(help="Print the result as JSON.")
 def model(
     src: str,
     qtype: str,
@@ -119,13 +116,11 @@ def model(
                     expected_sha256=result.sha256,
                     on_progress=progress,
                 )
-    except SlmAgentError as exc:
-        raise _fail(exc) from exc
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
     if as_json:
-        click.echo(json.dumps({**result.model_dump(mode="json"), "added": added.name if added else None}))
+        print_json({**result.model_dump(mode="json"), "added": added.name if added else None}, indent=None)
         return
     _print_result(result)
     if added:
@@ -162,7 +157,7 @@ def _print_result(result: QuantizeResult) -> None:
     help="Lowest acceptable mean cosine between int8 and fp32 embeddings of the check sentences.",
 )
 @click.option("--force", is_flag=True, help="Rebuild over an existing output folder.")
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@json_option(help="Print the manifest as JSON.")
 def encoder(source: Path | None, output: Path | None, min_cosine: float, force: bool, as_json: bool) -> None:
     """Export a sentence encoder to ONNX, quantize it to int8 and check it against fp32.
 
@@ -171,19 +166,16 @@ def encoder(source: Path | None, output: Path | None, min_cosine: float, force: 
       slm-agent quantize encoder
       slm-agent quantize encoder --source ./my-minilm -o ./encoders/my-minilm-int8 --min-cosine 0.98
     """
-    try:
-        origin = None
-        if source is None:
-            source, origin = default_source()
-        output = output or default_encoder_dir()
-        with rich_progress(f"building int8 encoder {output.name}", unit="items") as progress:
-            manifest = build_encoder(
-                source, output, origin=origin, min_cosine=min_cosine, overwrite=force, on_progress=progress
-            )
-    except SlmAgentError as exc:
-        raise _fail(exc) from exc
+    origin = None
+    if source is None:
+        source, origin = default_source()
+    output = output or default_encoder_dir()
+    with rich_progress(f"building int8 encoder {output.name}", unit="items") as progress:
+        manifest = build_encoder(
+            source, output, origin=origin, min_cosine=min_cosine, overwrite=force, on_progress=progress
+        )
     if as_json:
-        click.echo(manifest.model_dump_json(indent=2))
+        print_json(manifest)
         return
     console().print(
         f"built [bold]{manifest.name}[/] in {output}: dim {manifest.dim}, "

@@ -23,6 +23,9 @@ from slm_agent.models.gguf_info import is_adapter, read_info
 from slm_agent.models.hashing import sha256_file
 from slm_agent.progress import ProgressFn
 
+# llama_cpp is imported in the functions that call it: loading libllama costs ~0.1 s, and the
+# quantize CLI imports this module for its help and type names.
+
 log = logging.getLogger(__name__)
 
 # Types that need no importance matrix, best quality first. IQ* and the 1-2 bit types need an

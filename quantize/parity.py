@@ -13,6 +13,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from slm_agent.errors import BadRequestError
+from slm_agent.models import llama_log
 
 Pair = tuple[list[int], list[int]]  # (prompt ids, answer ids)
 
@@ -33,9 +34,7 @@ def llama_answer_loss(
     model_path: Path, pairs: Sequence[Pair], lora_path: Path | None = None, threads: int | None = None
 ) -> float:
     """Token-weighted mean cross-entropy of the answers given their prompts, on llama.cpp."""
-    from llama_cpp import Llama
-
-    from slm_agent.models import llama_log
+    from llama_cpp import Llama  # here, not at the top: loading libllama costs ~0.1 s
 
     llama_log.install()
     if not pairs:

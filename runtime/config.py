@@ -16,9 +16,9 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from slm_agent import locations
+from slm_agent.contracts.wire import SyncSettings
 from slm_agent.models.bundled import BUNDLED_NAME
-from slm_agent.runtime.remote import RemoteSettings
-from slm_agent.runtime.sync_wire import SyncSettings
+from slm_agent.runtime.remote.settings import RemoteSettings
 
 ENV_PREFIX = "SLM_AGENT_"
 

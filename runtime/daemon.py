@@ -16,8 +16,9 @@ from pydantic import ValidationError
 from slm_agent.errors import SlmAgentError
 from slm_agent.models import BUNDLED_NAME, ModelStore, ensure_bundled
 from slm_agent.progress import rich_progress
-from slm_agent.runtime.api import resolve_base
 from slm_agent.runtime.config import Settings, load_settings
+from slm_agent.runtime.http.app import create_app
+from slm_agent.runtime.http.services import resolve_base
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -82,8 +83,6 @@ def main(**flags: Any) -> None:
 
 
 def serve(settings: Settings) -> None:
-    from slm_agent.runtime.api import create_app
-
     app = create_app(settings)
     config = uvicorn.Config(
         app,

@@ -10,11 +10,11 @@ from slm_agent import __version__
 
 # group name -> "module:attribute"; imported only when used, so `slm-agent --help` stays fast.
 GROUPS = {
-    "models": "slm_agent.runtime.models_cli:models",
-    "config": "slm_agent.runtime.cli:config",
-    "tasks": "slm_agent.runtime.cli:tasks",
-    "traces": "slm_agent.runtime.cli:traces",
-    "sync": "slm_agent.runtime.sync_cli:sync",
+    "models": "slm_agent.runtime.cli.models:models",
+    "config": "slm_agent.runtime.cli.config:config",
+    "tasks": "slm_agent.runtime.cli.tasks:tasks",
+    "traces": "slm_agent.runtime.cli.traces:traces",
+    "sync": "slm_agent.runtime.cli.sync:sync",
     "collector": "slm_agent.collector.cli:collector",
     "tui": "slm_agent.tui.cli:tui",
     "train": "slm_agent.train.cli:train",

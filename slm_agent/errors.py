@@ -1,7 +1,7 @@
 """The one exception hierarchy of slm-agent.
 
 Every error carries the HTTP status and OpenAI error ``type`` it maps to, so the HTTP layer turns
-any of them into a response in exactly one place (``runtime/api_errors.py``) and the CLI prints
+any of them into a response in exactly one place (``runtime/http/errors.py``) and the CLI prints
 the same message.
 
     SlmAgentError

@@ -20,7 +20,8 @@ import httpx
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from slm_agent.runtime.traces import Feedback, TraceRecord, TraceStore
+from slm_agent.contracts.records import Feedback, TraceRecord, encode_column
+from slm_agent.runtime.store.traces import TraceStore
 
 # Personal data and secrets seeded into traces; none may reach the collector.
 SEEDED = {
@@ -95,16 +96,15 @@ def fast_fill(db_path: Path, n: int, task: str = "extract") -> None:
     store = TraceStore(db_path)
     template = seeded_trace(0, task)
     store.close()
-    from slm_agent.runtime.traces import _TRACE_COLUMNS, _encode
-
+    columns = [name for name in TraceRecord.model_fields if name != "seq"]
     conn = sqlite3.connect(db_path)
-    base = {name: _encode(name, getattr(template, name)) for name in _TRACE_COLUMNS}
+    base = {name: encode_column(name, getattr(template, name)) for name in columns}
     rows = []
     for i in range(n):
         base["id"] = f"tr_bench{i:012d}"
-        rows.append([base[c] for c in _TRACE_COLUMNS])
+        rows.append([base[c] for c in columns])
     conn.executemany(
-        f"INSERT INTO traces ({', '.join(_TRACE_COLUMNS)}) VALUES ({', '.join('?' * len(_TRACE_COLUMNS))})",
+        f"INSERT INTO traces ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
         rows,
     )
     conn.commit()
@@ -238,7 +238,7 @@ def everything_stored(collector: CollectorProc) -> str:
 
 def sync_cli(*args: str, env: dict[str, str], **kwargs: Any) -> subprocess.Popen[str]:
     """`slm-agent sync ...` in a subprocess (the group, as the lead wires it into the CLI)."""
-    code = "from slm_agent.runtime.sync_cli import sync; sync()"
+    code = "from slm_agent.runtime.cli.sync import sync; sync()"
     return subprocess.Popen(
         [sys.executable, "-c", code, *args],
         env=env,

@@ -15,7 +15,7 @@ from faultserver import Fault, FaultServer
 from remote_fixtures import provider, remote_env, start_daemon, write_task
 
 from slm_agent.models import ModelStore
-from slm_agent.runtime.agent_runs import _feed_previous
+from slm_agent.runtime.agents.runs import _feed_previous
 
 TOOLS = [
     {

@@ -21,10 +21,11 @@ from slm_agent.collector.catalogue import Catalogue
 from slm_agent.collector.cli import collector as collector_group
 from slm_agent.collector.ingest import Collector
 from slm_agent.collector.storage import TraceStorage
+from slm_agent.contracts.wire import CHECKSUM_HEADER, SyncSettings, decode_batch
 from slm_agent.errors import AuthenticationError, StorageFullError
-from slm_agent.runtime.sync import push, read_state
-from slm_agent.runtime.sync_wire import CHECKSUM_HEADER, SyncSettings
-from slm_agent.runtime.traces import TraceStore
+from slm_agent.runtime.store.traces import TraceStore
+from slm_agent.runtime.sync.push import push
+from slm_agent.runtime.sync.state import read_state
 
 DEVICE = "laptop-1"
 
@@ -168,8 +169,6 @@ def test_orphan_part_files_are_removed_on_restart_then_rewritten_once(
     token = collector.register(DEVICE)
     monkeypatch.setenv("SLM_AGENT_SYNC_TOKEN", token)
     fill(device, 50)
-    from slm_agent.runtime.sync_wire import decode_batch
-
     batch = decode_batch(_body(collector, device))
     storage = TraceStorage(str(collector.data))
     files = storage.write_batch(batch.batch_id, batch.device_id, batch.store_id, batch.traces, batch.feedback)

@@ -12,11 +12,12 @@ import pytest
 from click.testing import CliRunner
 
 from slm_agent.collector.storage import TraceStorage
+from slm_agent.contracts.records import FeedbackRecord, TraceRecord
+from slm_agent.contracts.tasks import TASK_NAME_RE, Example, load_task_file, parse_task
 from slm_agent.errors import BadRequestError, ConflictError
-from slm_agent.quantize.encoder import Encoder, build_encoder, default_source
-from slm_agent.runtime.grammars import schema_grammar
-from slm_agent.runtime.tasks import TASK_NAME_RE, Example, load_task_file, parse_task
-from slm_agent.runtime.traces import FeedbackRecord, TraceRecord
+from slm_agent.models.encoder import Encoder
+from slm_agent.quantize.encoder import build_encoder, default_source
+from slm_agent.runtime.engine.grammars import schema_grammar
 from slm_agent.train.collected import CollectedTrace, read_traces
 from slm_agent.train.contract import infer_contract, infer_schema
 from slm_agent.train.discover import DiscoveryReport, TaskProposal, accept, discover, proposal_to_task_toml

@@ -53,8 +53,8 @@ def test_readme_config_examples_load() -> None:
     """The TOML snippets in README.md are valid settings and task files."""
     import tomllib
 
+    from slm_agent.contracts.tasks import parse_task
     from slm_agent.runtime.config import Settings
-    from slm_agent.runtime.tasks import parse_task
 
     blocks = re.findall(r"```toml\n(.*?)```", README, re.S)
     remote = next(b for b in blocks if b.startswith("[remote]"))

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from lora import make_lora
 
+from slm_agent.contracts.tasks import builtin_tasks
 from slm_agent.errors import (
     ContextOverflowError,
     DeadlineExceededError,
@@ -18,9 +19,7 @@ from slm_agent.errors import (
     QueueFullError,
     SchemaError,
 )
-from slm_agent.runtime import grammars
-from slm_agent.runtime.engine import Engine, EngineConfig, GenerationRequest
-from slm_agent.runtime.tasks import builtin_tasks
+from slm_agent.runtime.engine import Engine, EngineConfig, GenerationRequest, grammars
 
 PROMPT = "The three most important rivers of Europe are"
 

@@ -15,9 +15,11 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Request, Response
 
-from slm_agent.runtime import monitor_api as mon
-from slm_agent.runtime.events import SEQ_SHIFT, EventBus
-from slm_agent.runtime.traces import TraceRecord, TraceStore
+from slm_agent.contracts.records import TraceRecord
+from slm_agent.runtime.http import monitor
+from slm_agent.runtime.http.deps import services_of
+from slm_agent.runtime.store.events import SEQ_SHIFT, EventBus
+from slm_agent.runtime.store.traces import TraceStore
 from slm_agent.tui.sources import DaemonSource
 
 
@@ -47,8 +49,8 @@ async def until(condition: Callable[[], bool], timeout: float = 5) -> None:
 def monitor_app(store: TraceStore, bus: EventBus) -> FastAPI:
     """The monitor routes behind an HTTP middleware, as in the daemon."""
     app = FastAPI()
-    app.state.services = SimpleNamespace(traces=store, events=bus)
-    app.include_router(mon.router)
+    app.dependency_overrides[services_of] = lambda: SimpleNamespace(traces=store, events=bus)
+    app.include_router(monitor.router)
 
     @app.middleware("http")
     async def passthrough(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

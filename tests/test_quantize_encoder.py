@@ -10,17 +10,10 @@ import pytest
 from click.testing import CliRunner
 
 from slm_agent.errors import BadRequestError, ConflictError, ModelStoreError, NotFoundError
+from slm_agent.models.encoder import DEFAULT_ENCODER, Encoder, EncoderManifest
 from slm_agent.models.hashing import sha256_file
 from slm_agent.quantize.cli import quantize
-from slm_agent.quantize.encoder import (
-    CHECK_SENTENCES,
-    DEFAULT_ENCODER,
-    Encoder,
-    EncoderManifest,
-    build_encoder,
-    default_source,
-    ensure_encoder,
-)
+from slm_agent.quantize.encoder import CHECK_SENTENCES, build_encoder, default_source, ensure_encoder
 
 
 @pytest.fixture(scope="session")

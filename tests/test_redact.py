@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from slm_agent.runtime.redact import Redaction, Redactor, StreamRestorer
+from slm_agent.privacy.redactor import Redaction, Redactor, StreamRestorer
 
 
 @pytest.fixture(scope="module")

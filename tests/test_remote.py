@@ -7,8 +7,9 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Coroutine
 from datetime import date
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from conftest import free_port
@@ -16,12 +17,9 @@ from faultserver import Fault, FaultServer
 
 from slm_agent.errors import BadRequestError, BudgetExceededError, RemoteError, UnavailableError
 from slm_agent.runtime.config import Settings
-from slm_agent.runtime.remote import (
-    STREAM_INTERRUPTED,
-    RemoteClient,
-    RemoteProvider,
-    RemoteSettings,
-)
+from slm_agent.runtime.remote.client import RemoteClient
+from slm_agent.runtime.remote.settings import RemoteProvider, RemoteResult, RemoteSettings
+from slm_agent.runtime.remote.streaming import STREAM_INTERRUPTED, AsyncRemoteStream
 
 # The bundled base model has no chat template; a sentence to complete gets it talking.
 PROMPT = "The capital of France is"
@@ -31,23 +29,61 @@ PII_TEXT = "I am Jane, mail jane.roe@corp.example or call +1 415-555-0100; card 
 # -- fixtures ----------------------------------------------------------------------------------------
 
 
+T = TypeVar("T")
+
+
 class Sleeps(list[float]):
     """Records each backoff delay and really waits it, so server-side timestamps show it too."""
 
-    def __call__(self, seconds: float) -> None:
+    async def __call__(self, seconds: float) -> None:
         self.append(seconds)
-        time.sleep(seconds)
+        await asyncio.sleep(seconds)
 
 
 def make_client(url: str, sleeps: Sleeps | None = None, **overrides: Any) -> RemoteClient:
     provider_fields = {k: overrides.pop(k) for k in list(overrides) if k in RemoteProvider.model_fields}
     provider = RemoteProvider(name="test", base_url=url, **{"max_retries": 2, **provider_fields})
     settings = RemoteSettings(providers=[provider], **{"backoff_base_s": 0.05, **overrides})
-    return RemoteClient(settings, sleep=sleeps if sleeps is not None else Sleeps())
+    return RemoteClient(settings, asleep=sleeps if sleeps is not None else Sleeps())
 
 
 def body(content: str = "Say hello.", **extra: Any) -> dict[str, Any]:
     return {"model": "gpt-test", "messages": [{"role": "user", "content": content}], **extra}
+
+
+def run(client: RemoteClient, call: Coroutine[Any, Any, T]) -> T:
+    """One call on an event loop of its own; its connections close with it (they belong to it)."""
+
+    async def once() -> T:
+        try:
+            return await call
+        finally:
+            await client.aclose()
+
+    return asyncio.run(once())
+
+
+def chat(client: RemoteClient, request: dict[str, Any], *, escalation: bool = False) -> RemoteResult:
+    return run(client, client.achat(request, escalation=escalation))
+
+
+def read(
+    client: RemoteClient,
+    stream: AsyncRemoteStream,
+    chunks: list[dict[str, Any]] | None = None,
+    arrivals: list[float] | None = None,
+) -> list[dict[str, Any]]:
+    """Every chunk of ``stream`` (into ``chunks`` as they come, kept when it raises)."""
+    out: list[dict[str, Any]] = [] if chunks is None else chunks
+
+    async def drain() -> list[dict[str, Any]]:
+        async for chunk in stream:
+            if arrivals is not None:
+                arrivals.append(time.monotonic())
+            out.append(chunk)
+        return out
+
+    return run(client, drain())
 
 
 # -- happy paths through a real server -----------------------------------------------------------------
@@ -55,7 +91,7 @@ def body(content: str = "Say hello.", **extra: Any) -> dict[str, Any]:
 
 def test_chat_through_llama_server_counts_cost(llama_server: str) -> None:
     client = make_client(llama_server, price_per_1k_input=1.0, price_per_1k_output=2.0)
-    result = client.chat(body(PROMPT, max_tokens=8, temperature=0))
+    result = chat(client, body(PROMPT, max_tokens=8, temperature=0))
     message = result.response["choices"][0]["message"]
     assert message["role"] == "assistant"
     assert isinstance(message["content"], str)
@@ -67,11 +103,10 @@ def test_chat_through_llama_server_counts_cost(llama_server: str) -> None:
 
 def test_stream_passes_chunks_through_as_they_arrive(llama_server: str) -> None:
     client = make_client(llama_server, price_per_1k_output=1.0)
-    stream = client.stream_chat(body(PROMPT, max_tokens=24, temperature=0))
+    stream = client.astream_chat(body(PROMPT, max_tokens=24, temperature=0))
     arrivals: list[float] = []
     pieces: list[str] = []
-    for chunk in stream:
-        arrivals.append(time.monotonic())
+    for chunk in read(client, stream, arrivals=arrivals):
         for choice in chunk["choices"]:
             pieces.append(choice["delta"].get("content") or "")
     assert len(arrivals) >= 5
@@ -104,7 +139,7 @@ def test_429_is_retried_after_retry_after(fs: FaultServer) -> None:
     sleeps = Sleeps()
     client = make_client(fs.url, sleeps)
     fs.push(Fault.status(429, retry_after=1))
-    result = client.chat(body())
+    result = chat(client, body())
     assert result.attempts == 2
     assert sleeps == [1.0]
     first, second = fs.requests
@@ -115,7 +150,7 @@ def test_5xx_is_retried_with_jittered_exponential_backoff(fs: FaultServer) -> No
     sleeps = Sleeps()
     client = make_client(fs.url, sleeps, max_retries=3, backoff_base_s=0.1, breaker_failures=10)
     fs.push(Fault.status(500), Fault.status(502), Fault.status(503))
-    result = client.chat(body())
+    result = chat(client, body())
     assert result.attempts == 4
     assert len(sleeps) == 3
     for i, delay in enumerate(sleeps):
@@ -127,7 +162,7 @@ def test_retries_run_out_into_a_remote_error(fs: FaultServer) -> None:
     client = make_client(fs.url, max_retries=1, breaker_failures=10)
     fs.push(Fault.status(500), Fault.status(500))
     with pytest.raises(RemoteError) as info:
-        client.chat(body())
+        chat(client, body())
     assert info.value.status_code == 502 and info.value.code == "remote_server_error"
     assert len(fs.requests) == 2
 
@@ -136,7 +171,7 @@ def test_4xx_is_not_retried(fs: FaultServer) -> None:
     client = make_client(fs.url)
     fs.push(Fault.status(400))
     with pytest.raises(RemoteError, match="HTTP 400"):
-        client.chat(body())
+        chat(client, body())
     assert len(fs.requests) == 1
     assert client.breaker("test").consecutive_failures == 0
 
@@ -145,7 +180,7 @@ def test_connection_refused_is_retried_then_fails() -> None:
     sleeps = Sleeps()
     client = make_client(f"http://127.0.0.1:{free_port()}/v1", sleeps, max_retries=2, breaker_failures=10)
     with pytest.raises(RemoteError, match="cannot reach"):
-        client.chat(body())
+        chat(client, body())
     assert len(sleeps) == 2
 
 
@@ -154,7 +189,7 @@ def test_hanging_provider_times_out(fs: FaultServer) -> None:
     fs.push(Fault.hang(5))
     start = time.monotonic()
     with pytest.raises(RemoteError) as info:
-        client.chat(body())
+        chat(client, body())
     assert info.value.code == "remote_timeout"
     assert time.monotonic() - start < 3
 
@@ -168,11 +203,11 @@ def test_breaker_opens_after_n_failures_and_recovers_after_cooldown(fs: FaultSer
     fs.push(*[Fault.status(500)] * 3)
     for _ in range(3):
         with pytest.raises(RemoteError):
-            client.chat(body())
+            chat(client, body())
     assert breaker.state == "open"
     assert not client.is_available("gpt-test")
     with pytest.raises(UnavailableError) as info:
-        client.chat(body())
+        chat(client, body())
     assert info.value.code == "breaker_open" and info.value.retry_after_s is not None
     assert len(fs.requests) == 3  # the open breaker kept the call from the provider
 
@@ -180,20 +215,20 @@ def test_breaker_opens_after_n_failures_and_recovers_after_cooldown(fs: FaultSer
     assert breaker.state == "half_open" and client.is_available("gpt-test")
     fs.push(Fault.status(500))  # a failed probe opens it again at once
     with pytest.raises(RemoteError):
-        client.chat(body())
+        chat(client, body())
     assert breaker.state == "open"
 
     time.sleep(0.55)
-    client.chat(body())  # a successful probe closes it
+    chat(client, body())  # a successful probe closes it
     assert breaker.state == "closed" and breaker.consecutive_failures == 0
-    client.chat(body())
+    chat(client, body())
 
 
 def test_breaker_stops_retries_of_the_call_that_opened_it(fs: FaultServer) -> None:
     client = make_client(fs.url, max_retries=5, breaker_failures=2, breaker_cooldown_s=30)
     fs.push(*[Fault.status(503)] * 5)
     with pytest.raises(RemoteError, match="circuit breaker opened"):
-        client.chat(body())
+        chat(client, body())
     assert len(fs.requests) == 2
 
 
@@ -205,28 +240,28 @@ def test_daily_token_budget_is_enforced_and_resets_next_utc_day(fs: FaultServer)
     provider = RemoteProvider(name="test", base_url=fs.url)
     settings = RemoteSettings(providers=[provider], daily_token_budget=10, on_budget_exhausted="local")
     client = RemoteClient(settings, today=lambda: day[0])
-    client.chat(body("one two three four five six seven"))  # 7 + 7 tokens: over the budget now
+    chat(client, body("one two three four five six seven"))  # 7 + 7 tokens: over the budget now
     assert client.budget.tokens == 14
     assert not client.is_available("gpt-test")  # "local": the router answers locally instead
     with pytest.raises(BudgetExceededError) as info:
-        client.chat(body())
+        chat(client, body())
     assert info.value.status_code == 402
     assert len(fs.requests) == 1
     day[0] = date(2025, 1, 2)
     assert client.is_available("gpt-test")
-    client.chat(body("hi"))
+    chat(client, body("hi"))
 
 
 def test_daily_cost_budget_with_error_policy(fs: FaultServer) -> None:
     client = make_client(
         fs.url, price_per_1k_input=100.0, daily_cost_budget_usd=0.5, on_budget_exhausted="error"
     )
-    result = client.chat(body("a b c d e f"))
+    result = chat(client, body("a b c d e f"))
     assert result.cost_usd == pytest.approx(0.6)
     # "error": still "available", so the call is made and fails with 402 for the agent to see.
     assert client.is_available("gpt-test")
     with pytest.raises(BudgetExceededError):
-        client.chat(body())
+        chat(client, body())
 
 
 # -- streams that break ---------------------------------------------------------------------------------
@@ -235,11 +270,10 @@ def test_daily_cost_budget_with_error_policy(fs: FaultServer) -> None:
 def test_mid_stream_drop_is_an_error_not_a_short_answer(fs: FaultServer) -> None:
     client = make_client(fs.url)
     fs.push(Fault.drop(after_chunks=3))
-    stream = client.stream_chat(body("one two three four five six"))
-    received = []
+    stream = client.astream_chat(body("one two three four five six"))
+    received: list[dict[str, Any]] = []
     with pytest.raises(RemoteError) as info:
-        for chunk in stream:
-            received.append(chunk)
+        read(client, stream, received)
     assert len(received) == 3
     assert info.value.code == STREAM_INTERRUPTED
     assert "after 3 chunk(s)" in info.value.message
@@ -251,7 +285,7 @@ def test_clean_close_without_done_is_detected(fs: FaultServer) -> None:
     client = make_client(fs.url)
     fs.push(Fault.eof(after_chunks=2))
     with pytest.raises(RemoteError) as info:
-        list(client.stream_chat(body("one two three four")))
+        read(client, client.astream_chat(body("one two three four")))
     assert info.value.code == STREAM_INTERRUPTED
     assert "[DONE]" in info.value.message
 
@@ -277,8 +311,10 @@ def test_async_mid_stream_drop_is_detected(fs: FaultServer) -> None:
 def test_stream_start_is_retried_before_any_chunk(fs: FaultServer) -> None:
     client = make_client(fs.url)
     fs.push(Fault.status(503))
-    stream = client.stream_chat(body("alpha beta"))
-    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in stream if c["choices"])
+    stream = client.astream_chat(body("alpha beta"))
+    text = "".join(
+        c["choices"][0]["delta"].get("content") or "" for c in read(client, stream) if c["choices"]
+    )
     assert text.split() == ["alpha", "beta"]
     assert stream.result is not None and stream.result.attempts == 2
     assert not stream.result.usage_estimated
@@ -296,7 +332,7 @@ def test_pii_is_redacted_before_sending_and_restored_in_the_answer(fs: FaultServ
             {"role": "user", "content": PII_TEXT},
         ],
     }
-    result = client.chat(request)  # the fault server echoes the last user message back
+    result = chat(client, request)  # the fault server echoes the last user message back
     assert result.response["choices"][0]["message"]["content"] == PII_TEXT
     assert result.redactions == {"email": 2, "phone": 1, "card": 1}
     sent = json.dumps(fs.requests[0].body)
@@ -310,8 +346,10 @@ def test_pii_is_redacted_before_sending_and_restored_in_the_answer(fs: FaultServ
 
 def test_pii_restored_in_a_stream(fs: FaultServer) -> None:
     client = make_client(fs.url)
-    stream = client.stream_chat(body(PII_TEXT))
-    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in stream if c["choices"])
+    stream = client.astream_chat(body(PII_TEXT))
+    text = "".join(
+        c["choices"][0]["delta"].get("content") or "" for c in read(client, stream) if c["choices"]
+    )
     assert text.strip() == PII_TEXT
     assert "jane.roe" not in json.dumps(fs.requests[0].body)
 
@@ -333,7 +371,7 @@ def test_pii_in_tool_call_arguments_is_redacted(fs: FaultServer) -> None:
             ],
         },
     )
-    client.chat(request)
+    chat(client, request)
     sent = fs.requests[0].body["messages"][0]["tool_calls"][0]
     assert sent["function"]["arguments"] == '{"to": "<EMAIL_1>"}'
     assert sent["id"] == "call_Xy7pQ2rT9uV4wZ1aB3cD5eF7"  # structure is not redacted
@@ -342,16 +380,16 @@ def test_pii_in_tool_call_arguments_is_redacted(fs: FaultServer) -> None:
 def test_refuse_mode_sends_nothing(fs: FaultServer) -> None:
     client = make_client(fs.url, redaction="refuse")
     with pytest.raises(BadRequestError) as info:
-        client.chat(body(PII_TEXT))
+        chat(client, body(PII_TEXT))
     assert info.value.code == "pii_refused"
     assert fs.requests == []
-    client.chat(body("nothing personal here"))
+    chat(client, body("nothing personal here"))
     assert len(fs.requests) == 1
 
 
 def test_off_mode_sends_as_is(fs: FaultServer) -> None:
     client = make_client(fs.url, redaction="off")
-    result = client.chat(body(PII_TEXT))
+    result = chat(client, body(PII_TEXT))
     assert fs.requests[0].body["messages"][0]["content"] == PII_TEXT
     assert result.redactions == {}
 
@@ -364,11 +402,11 @@ def test_api_key_from_env_is_sent_and_never_logged(
     monkeypatch.delenv("TEST_REMOTE_KEY", raising=False)
     assert not client.is_available("gpt-test")
     with pytest.raises(UnavailableError, match=r"\$TEST_REMOTE_KEY"):
-        client.chat(body())
+        chat(client, body())
     monkeypatch.setenv("TEST_REMOTE_KEY", key)
     caplog.set_level(logging.DEBUG)
     fs.push(Fault.status(500))
-    client.chat(body())
+    chat(client, body())
     assert fs.requests[-1].headers["Authorization"] == f"Bearer {key}"
     assert key not in caplog.text
     assert key not in repr(client.settings)
@@ -389,9 +427,11 @@ def test_provider_selection_and_escalation_model(fs: FaultServer) -> None:
     assert client.provider_for("gpt-4o").name == "a"
     assert client.provider_for("something-else").name == "b"
     assert client.provider_for("gpt-4o", escalation=True).name == "b"
-    client.chat({"model": "extract-invoice", "messages": [{"role": "user", "content": "x"}]}, escalation=True)
+    chat(
+        client, {"model": "extract-invoice", "messages": [{"role": "user", "content": "x"}]}, escalation=True
+    )
     assert fs.requests[-1].body["model"] == "claude-x"
-    client.chat({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]})
+    chat(client, {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]})
     assert fs.requests[-1].body["model"] == "gpt-4o"
 
 
@@ -399,7 +439,7 @@ def test_no_provider_means_unavailable() -> None:
     client = RemoteClient(RemoteSettings())
     assert not client.is_available("gpt-4o")
     with pytest.raises(UnavailableError):
-        client.chat(body())
+        chat(client, body())
 
 
 def test_remote_settings_from_env_and_validation(monkeypatch: pytest.MonkeyPatch) -> None:

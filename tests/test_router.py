@@ -6,14 +6,14 @@ from typing import Any
 
 import pytest
 
-from slm_agent.runtime.router import (
+from slm_agent.contracts.schemas import validate_local_answer
+from slm_agent.runtime.routing.router import (
     RequestFeatures,
     RouteDecision,
     Router,
     RuleRouter,
     confidence,
     is_planning_request,
-    validate_local_answer,
 )
 
 

@@ -14,14 +14,16 @@ import pytest
 from click.testing import CliRunner
 from sync_helpers import SEEDED, CollectorProc, everything_stored, fill, set_env, sync_cli
 
+from slm_agent.contracts.wire import SyncSettings
 from slm_agent.errors import UnavailableError
 from slm_agent.models import BUNDLED_NAME, ModelStore
+from slm_agent.runtime.cli.sync import sync as sync_group
 from slm_agent.runtime.config import Settings
-from slm_agent.runtime.sync import SyncWorker, push, read_state
-from slm_agent.runtime.sync_cli import sync as sync_group
-from slm_agent.runtime.sync_pull import pull
-from slm_agent.runtime.sync_wire import SyncSettings
-from slm_agent.runtime.traces import TraceStore
+from slm_agent.runtime.store.traces import TraceStore
+from slm_agent.runtime.sync.pull import pull
+from slm_agent.runtime.sync.push import push
+from slm_agent.runtime.sync.state import read_state
+from slm_agent.runtime.sync.worker import SyncWorker
 
 DEVICE = "laptop-1"
 

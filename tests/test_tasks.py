@@ -9,8 +9,8 @@ from click.testing import CliRunner
 
 from slm_agent import locations
 from slm_agent.cli import main as cli
+from slm_agent.contracts.tasks import TaskRegistry
 from slm_agent.errors import BadRequestError, ConflictError, NotFoundError
-from slm_agent.runtime.tasks import TaskRegistry
 
 SUMMARIZE = """
 description = "One-line summary"

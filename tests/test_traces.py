@@ -12,9 +12,10 @@ import sqlite_utils
 from click.testing import CliRunner
 
 from slm_agent.cli import main as cli
+from slm_agent.contracts.records import Feedback, TraceRecord
 from slm_agent.errors import NotFoundError
-from slm_agent.runtime.migrations import MIGRATIONS, migrate, pending
-from slm_agent.runtime.traces import Feedback, TraceRecord, TraceStore
+from slm_agent.runtime.store.migrations import MIGRATIONS, migrate, pending
+from slm_agent.runtime.store.traces import TraceStore
 
 
 def test_migrations_on_a_blank_database(tmp_path: Path) -> None:

@@ -11,12 +11,13 @@ from train_task import SCHEMA, shipment_task, shipments
 
 from slm_agent.cli import main
 from slm_agent.collector.storage import TraceStorage
+from slm_agent.contracts.prompts import task_prompt
+from slm_agent.contracts.records import FeedbackRecord, TraceRecord
+from slm_agent.contracts.tasks import Task
 from slm_agent.errors import BadRequestError, NotFoundError
 from slm_agent.models.manifest import PromptFormat
 from slm_agent.runtime.engine import Engine, EngineConfig, GenerationRequest
-from slm_agent.runtime.service import task_prompt
-from slm_agent.runtime.traces import FeedbackRecord, TraceRecord
-from slm_agent.train.collected import read_traces
+from slm_agent.train.collected import read_traces, request_text
 from slm_agent.train.dataset import build_dataset, load_card, load_split
 from slm_agent.train.dedup import near_duplicate_groups, stable_split
 from slm_agent.train.tokenizer import ServingTokenizer
@@ -129,8 +130,6 @@ def test_split_is_stable_and_duplicates_collapse(tmp_path, tokenizer, bundled):
 
 
 def test_personal_data_is_scrubbed_consistently_in_input_and_label(tmp_path, tokenizer, bundled):
-    from slm_agent.runtime.tasks import Task
-
     task = Task(
         name="contact",
         kind="json",
@@ -167,7 +166,7 @@ def test_token_ids_are_the_ones_the_daemon_feeds_llama_cpp(tmp_path, tokenizer, 
     engine.load()
     try:
         for example in load_split(tmp_path / "ds", "train")[:10]:
-            prefix, body, _stop, _grammar = task_prompt(task, example.input, None, PromptFormat(), None)
+            prefix, body, _stop = task_prompt(task, example.input, None, PromptFormat())
             req = engine.prepare(GenerationRequest(prefix=prefix, body=body))
             assert example.prompt_ids == req.prefix_tokens + req.body_tokens
             assert tokenizer.detokenize(example.answer_ids) == example.label + "\n"
@@ -236,8 +235,6 @@ def test_cli_builds_a_dataset_and_explains_failures(tmp_path, shared_store, monk
 
 
 def test_inputs_are_read_back_as_the_daemon_put_them_in_the_prompt():
-    from slm_agent.train.collected import request_text
-
     assert request_text({"b": 1, "a": "é"}, "tasks") == '{"b": 1, "a": "é"}'  # key order and unicode kept
     assert request_text({"messages": [1]}, "tasks") == '{"messages": [1]}'  # an input object, not a chat
     chat = [

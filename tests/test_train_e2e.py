@@ -16,12 +16,12 @@ from slm_agent.cli import main
 from slm_agent.collector.catalogue import Catalogue
 from slm_agent.collector.ingest import Collector
 from slm_agent.collector.storage import TraceStorage
+from slm_agent.contracts.tasks import TaskRegistry
+from slm_agent.contracts.wire import SyncSettings
 from slm_agent.models.store import ModelStore
-from slm_agent.runtime.sync import push
-from slm_agent.runtime.sync_pull import pull
-from slm_agent.runtime.sync_wire import SyncSettings
-from slm_agent.runtime.tasks import TaskRegistry
-from slm_agent.runtime.traces import TraceStore
+from slm_agent.runtime.store.traces import TraceStore
+from slm_agent.runtime.sync.pull import pull
+from slm_agent.runtime.sync.push import push
 from slm_agent.train.box import TrainingBox
 from slm_agent.train.settings import LoraConfig, TrainSettings
 

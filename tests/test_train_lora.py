@@ -10,11 +10,11 @@ import pytest
 from train_task import TASK_TOML, shipments
 
 from slm_agent.collector.storage import TraceStorage
+from slm_agent.contracts.records import FeedbackRecord, TraceRecord
+from slm_agent.contracts.tasks import TaskRegistry
 from slm_agent.errors import BadRequestError, ConflictError, NotFoundError
 from slm_agent.quantize.lora_gguf import convert_peft_adapter
 from slm_agent.quantize.parity import check_parity
-from slm_agent.runtime.tasks import TaskRegistry
-from slm_agent.runtime.traces import FeedbackRecord, TraceRecord
 from slm_agent.train.base import load_base
 from slm_agent.train.box import ParityFailed, TrainingBox
 from slm_agent.train.dataset import load_split

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from slm_agent.contracts.tasks import Task
 from slm_agent.errors import BadRequestError, SchemaError
-from slm_agent.runtime.tasks import Task
 from slm_agent.train.metrics import ExampleScore, TaskMetrics, aggregate, score_example
 
 PERSON_SCHEMA: dict[str, Any] = {

@@ -8,8 +8,8 @@ import pytest
 from lora import make_lora
 from train_task import TASK_TOML, shipment_task
 
+from slm_agent.contracts.tasks import TaskRegistry
 from slm_agent.errors import BadRequestError, ConflictError
-from slm_agent.runtime.tasks import TaskRegistry
 from slm_agent.train.box import LoraReport, TrainingBox
 from slm_agent.train.dataset import DatasetCard, LengthStats, task_sha256
 from slm_agent.train.evaluate import CandidateResult, EvalReport, select

@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
 from click.testing import CliRunner
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from lora import make_lora
 from textual.widgets import DataTable, Input, Static, Tree
 
-from slm_agent.runtime import monitor_api as mon
-from slm_agent.runtime.events import EventBus
-from slm_agent.runtime.traces import Feedback, TraceRecord, TraceStore
+from slm_agent.contracts.clock import iso
+from slm_agent.contracts.records import Feedback, TraceRecord
+from slm_agent.models import BUNDLED_NAME, ModelStore
+from slm_agent.runtime.config import Settings
+from slm_agent.runtime.http.app import create_app as create_daemon_app
+from slm_agent.runtime.store import queries as mon
+from slm_agent.runtime.store.traces import TraceStore
 from slm_agent.tui import formatting as fmt
 from slm_agent.tui.app import create_app
 from slm_agent.tui.cli import tui as tui_command
@@ -47,64 +55,45 @@ def db_source(store: TraceStore) -> DbSource:
     return DbSource(store.path, clock=lambda: END, label="db traces.db")  # no tmp path: stable snapshots
 
 
-# -- a stand-in daemon: the real monitor router plus the lead's admin endpoints, minimal -------------------
-def standin_app(store: TraceStore) -> FastAPI:
-    app = FastAPI()
-    app.state.services = SimpleNamespace(traces=store, events=EventBus(store))
-    app.state.admin = {"routing": {"extract_fields": "auto", "pick_tool": "local", "classify_intent": "remote"},
-                       "loaded": {"extract-fields-v3"}}  # fmt: skip
-    app.include_router(mon.router)
-    adapters = ["extract-fields-v3", "pick-tool-v2"]
+# -- the daemon's own app in this process: every route real, over the seeded database --------------------
+ADAPTERS = ("extract-fields-v3", "pick-tool-v2")
+# The demo traffic's tasks as task files; extract_fields pins its adapter, so it loads at start.
+DEMO_TASKS = {
+    "extract_fields": {"routing": "auto", "adapter": "extract-fields-v3"},
+    "pick_tool": {"routing": "local"},
+    "classify_intent": {"routing": "remote"},
+}
 
-    @app.post("/v1/traces/{trace_id}/feedback")
-    def feedback(trace_id: str, body: Feedback) -> dict[str, Any]:
-        return store.add_feedback(trace_id, body).model_dump()
 
-    @app.get("/v1/models")
-    def models(request: Request) -> dict[str, Any]:
-        loaded = request.app.state.admin["loaded"]
-        data = [{"id": "gemma-3-270m-q4_k_m", "object": "model", "kind": "base", "loaded": True}]
-        data += [{"id": a, "object": "model", "kind": "adapter", "loaded": a in loaded} for a in adapters]
-        return {"object": "list", "data": data}
-
-    @app.post("/v1/admin/adapters")
-    def load(request: Request, body: dict[str, str]) -> dict[str, Any]:
-        request.app.state.admin["loaded"].add(body["name"])
-        return {"name": body["name"], "loaded": True}
-
-    @app.delete("/v1/admin/adapters/{name}")
-    def unload(request: Request, name: str) -> dict[str, Any]:
-        if name not in request.app.state.admin["loaded"]:
-            raise HTTPException(404, detail="not loaded")
-        request.app.state.admin["loaded"].discard(name)
-        return {"name": name, "loaded": False}
-
-    @app.get("/v1/admin/tasks")
-    def tasks(request: Request) -> list[dict[str, Any]]:
-        adapters_of = {"extract_fields": "extract-fields-v3", "pick_tool": "pick-tool-v2"}
-        return [{"name": n, "adapter": adapters_of.get(n), "routing": r, "description": f"{n} task"}
-                for n, r in sorted(request.app.state.admin["routing"].items())]  # fmt: skip
-
-    @app.patch("/v1/admin/tasks/{name}")
-    def patch_task(request: Request, name: str, body: dict[str, str]) -> dict[str, Any]:
-        request.app.state.admin["routing"][name] = body["routing"]
-        return {"name": name, "routing": body["routing"]}
-
-    @app.get("/healthz")
-    def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "model": "gemma-3-270m-q4_k_m",
-            "adapters": ["extract-fields-v3"],
-            "queue_depth": 2,
-        }
-
-    return app
+@pytest.fixture(scope="module")
+def model_store(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> ModelStore:
+    """The bundled base model and two small real LoRA adapters built for it."""
+    root = tmp_path_factory.mktemp("tui-models")
+    models = ModelStore(root / "store")
+    models.add(model_path, name=BUNDLED_NAME)
+    for i, name in enumerate(ADAPTERS):
+        models.add(make_lora(root / f"{name}.gguf", model_path, seed=i), name=name)
+    return models
 
 
 @pytest.fixture
-def daemon_app(store: TraceStore) -> FastAPI:
-    return standin_app(store)
+def daemon_app(store: TraceStore, model_store: ModelStore, tmp_path: Path) -> Iterator[FastAPI]:
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    for name, fields in DEMO_TASKS.items():
+        lines = [f"name = {json.dumps(name)}", f'description = "{name} task"']
+        lines += [f"{key} = {json.dumps(value)}" for key, value in fields.items()]
+        (tasks_dir / f"{name}.toml").write_text("\n".join(lines) + "\n")
+    settings = Settings(
+        store_dir=model_store.root, db_path=store.path, tasks_dir=tasks_dir, n_threads=2, n_ctx=2048
+    )
+    app = create_daemon_app(settings)
+    with TestClient(app) as client:  # runs the lifespan: services built, weights loading meanwhile
+        deadline = time.monotonic() + 60
+        while client.get("/healthz").json().get("adapters") != ["extract-fields-v3"]:
+            assert time.monotonic() < deadline, client.get("/healthz").text
+            time.sleep(0.05)
+        yield app
 
 
 @pytest.fixture
@@ -116,7 +105,7 @@ def daemon_source(daemon_app: FastAPI) -> DaemonSource:
 def test_stats_buckets_and_percentiles(tmp_path: Path) -> None:
     s = TraceStore(tmp_path / "t.db")
     for i, latency in enumerate([10, 20, 30, 40, 1000]):
-        s.insert(TraceRecord(endpoint="/x", created_at=mon.iso(END - timedelta(seconds=7 - i * 0.1)),
+        s.insert(TraceRecord(endpoint="/x", created_at=iso((END - timedelta(seconds=7 - i * 0.1)).timestamp()),
                              latency_ms=latency, completion_tokens=10, prompt_tokens=90,
                              route="local" if i < 4 else "remote", route_reason="r", status=200 if i else 500))  # fmt: skip
     stats = mon.query_stats(mon.ReadOnlyDb(s.path).conn, "5m", end=END, price_per_mtok=10.0)
@@ -182,7 +171,8 @@ async def test_daemon_and_db_sources_agree(db_source: DbSource, daemon_source: D
     assert (await db_source.trace("tr_00000299")).feedback == (
         await daemon_source.trace("tr_00000299")
     ).feedback
-    assert (await daemon_source.health()).queue_depth == 2  # type: ignore[union-attr]
+    health = await daemon_source.health()
+    assert health is not None and (health.status, health.queue_depth) == ("ok", 0)
 
 
 # -- screens, driven as a person would -----------------------------------------------------------------
@@ -251,17 +241,19 @@ async def test_feedback_and_routing_through_daemon(
         await pilot.press("escape", "m")
         await app.workers.wait_for_complete()
         await pilot.pause()
-        await pilot.press("p")  # first task row: classify_intent, remote -> auto
+        tasks = app.screen.query_one("#task-table", DataTable)
+        tasks.move_cursor(row=tasks.get_row_index("classify_intent"))
+        await pilot.press("p")  # classify_intent: remote -> auto
         await pilot.pause()
         await pilot.press("down", "enter")
         await app.workers.wait_for_complete()
         await pilot.pause()
-        assert daemon_app.state.admin["routing"]["classify_intent"] == "auto"
+        assert daemon_app.state.services.tasks.get("classify_intent").routing == "auto"
         models = app.screen.query_one("#model-table", DataTable)
         models.focus()
         await pilot.press("down", "down", "l")  # pick-tool-v2
         await app.workers.wait_for_complete()
-        assert "pick-tool-v2" in daemon_app.state.admin["loaded"]
+        assert "pick-tool-v2" in daemon_app.state.services.engine.adapters
 
 
 def test_cli_help_has_example() -> None:

@@ -14,9 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
+from slm_agent.contracts.records import Feedback
 from slm_agent.models import BUNDLED_NAME
-from slm_agent.runtime.monitor_api import TraceFilter
-from slm_agent.runtime.traces import Feedback
+from slm_agent.runtime.store.queries import TraceFilter
 from slm_agent.tui.app import create_app
 from slm_agent.tui.sources import DaemonSource, LiveEvent
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import random
+import tomllib
 from typing import Any
 
-from slm_agent.runtime.tasks import Task
+from slm_agent.contracts.tasks import Task, parse_task
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -89,10 +90,6 @@ _TEMPLATES = [
 
 
 def shipment_task() -> Task:
-    import tomllib
-
-    from slm_agent.runtime.tasks import parse_task
-
     return parse_task(tomllib.loads(TASK_TOML), "generated")
 
 

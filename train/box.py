@@ -14,12 +14,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from slm_agent.contracts.tasks import Task, TaskRegistry
+from slm_agent.contracts.wire import PublishedAdapter, scan_publish_dir
 from slm_agent.errors import BadRequestError, ConflictError, NotFoundError
 from slm_agent.models.manifest import ModelManifest
 from slm_agent.models.store import ModelStore
-from slm_agent.runtime.sync_pull import scan_publish_dir
-from slm_agent.runtime.sync_wire import PublishedAdapter
-from slm_agent.runtime.tasks import Task, TaskRegistry
 from slm_agent.train.collected import read_traces
 from slm_agent.train.dataset import DatasetCard, build_dataset, load_card, load_split, task_sha256
 from slm_agent.train.evaluate import Candidate, EvalReport, eval_markdown, plot_report, run_candidates, select

@@ -5,27 +5,24 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
+from slm_agent.commands import CommandGroup, emit, json_option
 from slm_agent.console import console
-from slm_agent.errors import SlmAgentError
+from slm_agent.contracts.tasks import TaskRegistry
+from slm_agent.models.bundled import BUNDLED_NAME, ensure_bundled
+from slm_agent.models.store import ModelStore
 from slm_agent.progress import rich_progress
+from slm_agent.runtime.config import load_settings
+from slm_agent.train.box import TrainingBox
 from slm_agent.train.discover_cli import discover
+from slm_agent.train.loop import run_loop
 from slm_agent.train.settings import LoraConfig, TrainSettings
-
-if TYPE_CHECKING:  # importing the box pulls in pyarrow and the runtime: only when a command runs
-    from slm_agent.train.box import TrainingBox
 
 
 def _box(**overrides: Any) -> TrainingBox:
-    from slm_agent.models.bundled import BUNDLED_NAME, ensure_bundled
-    from slm_agent.models.store import ModelStore
-    from slm_agent.runtime.config import load_settings
-    from slm_agent.runtime.tasks import TaskRegistry
-    from slm_agent.train.box import TrainingBox
-
     daemon = load_settings()
     tasks_dir = overrides.pop("tasks_dir", None) or daemon.tasks_dir
     settings = TrainSettings(**{k: v for k, v in overrides.items() if v is not None})
@@ -47,29 +44,14 @@ def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
             "--tasks-dir", type=click.Path(path_type=Path), help="Task TOML files (default: the daemon's)."
         ),
         click.option("--publish-dir", type=click.Path(path_type=Path), help="Where published adapters go."),
-        click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
+        json_option(help="Print the report as JSON."),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
-@contextmanager
-def _errors() -> Iterator[None]:
-    try:
-        yield
-    except SlmAgentError as exc:
-        raise click.ClickException(exc.message) from exc
-
-
-def _emit(report: Any, as_json: bool, summary: str) -> None:
-    if as_json:
-        click.echo(report.model_dump_json(indent=2))
-    else:
-        console().print(summary)
-
-
-@click.group()
+@click.group(cls=CommandGroup)
 def train() -> None:
     """Turn collected traces into better task adapters: dataset, lora, eval, publish (or loop)."""
 
@@ -89,12 +71,11 @@ def dataset(task: str, as_json: bool, **opts: Any) -> None:
       slm-agent train dataset extract
       slm-agent train dataset extract --data s3://bucket/traces --min-examples 200
     """
-    with _errors():
-        box = _box(**opts)
-        with rich_progress(f"building {task} dataset", unit="items") as progress:
-            card = box.dataset(task, progress)
+    box = _box(**opts)
+    with rich_progress(f"building {task} dataset", unit="items") as progress:
+        card = box.dataset(task, progress)
     folder = box.workspace(task).dataset
-    _emit(
+    emit(
         card,
         as_json,
         f"{card.examples} examples ({', '.join(f'{k} {v}' for k, v in card.by_split.items())}) "
@@ -135,12 +116,11 @@ def lora(task: str, as_json: bool, run_id: str | None, hf_path: Path | None, **o
     """
     fields = set(LoraConfig.model_fields)
     config = LoraConfig(**{k: v for k, v in opts.items() if k in fields and v is not None})
-    with _errors():
-        box = _box(**{k: v for k, v in opts.items() if k not in fields})
-        with _step_progress(task) as on_step:
-            report = box.lora(task, config, run=run_id, hf_path=hf_path, on_step=on_step)
+    box = _box(**{k: v for k, v in opts.items() if k not in fields})
+    with _step_progress(task) as on_step:
+        report = box.lora(task, config, run=run_id, hf_path=hf_path, on_step=on_step)
     t = report.train
-    _emit(
+    emit(
         report,
         as_json,
         f"run {report.run}: {t.steps} steps, val loss {t.base_val_loss:.3f} → "
@@ -173,15 +153,14 @@ def eval_(task: str, as_json: bool, bar: float, **opts: Any) -> None:
     Example usage:
       slm-agent train eval extract
     """
-    with _errors():
-        box = _box(**opts)
-        with rich_progress(f"evaluating {task}", unit="items") as progress:
-            report = box.evaluate(task, bar=bar, on_progress=progress)
+    box = _box(**opts)
+    with rich_progress(f"evaluating {task}", unit="items") as progress:
+        report = box.evaluate(task, bar=bar, on_progress=progress)
     lines = [
         f"{c.name:<40} exact {c.metrics.exact_match:.3f}  f1 {c.metrics.f1:.3f}  valid {c.metrics.valid_rate:.3f}"
         for c in report.candidates
     ]
-    _emit(report, as_json, "\n".join([*lines, f"report: {box.workspace(task).eval / 'eval.md'}"]))
+    emit(report, as_json, "\n".join([*lines, f"report: {box.workspace(task).eval / 'eval.md'}"]))
 
 
 @train.command()
@@ -196,10 +175,9 @@ def publish(task: str, as_json: bool, run_id: str | None, **opts: Any) -> None:
     Example usage:
       slm-agent train publish extract
     """
-    with _errors():
-        box = _box(**opts)
-        report = box.publish(task, run_id)
-    _emit(report, as_json, f"published {report.published.name} → {box.settings.publish_dir}")
+    box = _box(**opts)
+    report = box.publish(task, run_id)
+    emit(report, as_json, f"published {report.published.name} → {box.settings.publish_dir}")
 
 
 @train.command()
@@ -217,13 +195,10 @@ def loop(as_json: bool, only: tuple[str, ...], max_steps: int | None, **opts: An
       slm-agent train loop
       slm-agent train loop --task extract --min-new 50
     """
-    from slm_agent.train.loop import run_loop
-
     config = LoraConfig(**({"max_steps": max_steps} if max_steps else {}))
-    with _errors():
-        box = _box(**opts)
-        report = run_loop(box, config, list(only) or None, log=lambda msg: console(stderr=True).log(msg))
-    _emit(
+    box = _box(**opts)
+    report = run_loop(box, config, list(only) or None, log=lambda msg: console(stderr=True).log(msg))
+    emit(
         report,
         as_json,
         "\n".join(f"{r.task}: {r.outcome} — {r.detail}" for r in report.tasks) or "no tasks with data",

@@ -61,17 +61,11 @@ class CollectedTrace(BaseModel):
 
     @property
     def correction(self) -> str | None:
-        for fb in reversed(self.feedback):
-            if fb.correction:
-                return fb.correction
-        return None
+        return next((fb.correction for fb in reversed(self.feedback) if fb.correction), None)
 
     @property
     def rating(self) -> str | None:
-        for fb in reversed(self.feedback):
-            if fb.rating:
-                return fb.rating
-        return None
+        return next((fb.rating for fb in reversed(self.feedback) if fb.rating), None)
 
 
 def _json(value: Any) -> Any:

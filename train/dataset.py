@@ -20,9 +20,10 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
 from slm_agent.atomic import replace_dir
+from slm_agent.contracts.clock import utcnow
+from slm_agent.contracts.tasks import Task
 from slm_agent.errors import BadRequestError, NotFoundError
-from slm_agent.runtime.scrub import Sanitizer
-from slm_agent.runtime.tasks import Task
+from slm_agent.privacy.scrub import Sanitizer
 from slm_agent.train.collected import CollectedTrace
 from slm_agent.train.dedup import Split, near_duplicate_groups, stable_split
 from slm_agent.train.labels import SOURCES, Labeled, canonical, label_trace
@@ -110,8 +111,6 @@ def build_dataset(
     max_tokens: int = 512,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> DatasetCard:
-    from slm_agent.runtime.traces import utcnow
-
     mine = [t for t in traces if t.task == task.name]
     if not mine:
         raise NotFoundError(

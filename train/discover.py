@@ -23,10 +23,11 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from slm_agent.atomic import write_atomic
+from slm_agent.contracts.tasks import TASK_NAME_RE, Example, parse_task
 from slm_agent.errors import BadRequestError, ConflictError
+from slm_agent.models.encoder import Encoder
 from slm_agent.progress import ProgressFn
-from slm_agent.quantize.encoder import Encoder, ensure_encoder
-from slm_agent.runtime.tasks import TASK_NAME_RE, Example, parse_task
+from slm_agent.quantize.encoder import ensure_encoder
 from slm_agent.train.collected import CollectedTrace
 from slm_agent.train.contract import (
     AnswerShape,

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import click
 from rich.table import Table
 
+from slm_agent.collector.settings import CollectorSettings
+from slm_agent.commands import Command, json_option, print_json
 from slm_agent.console import console
-from slm_agent.errors import BadRequestError, SlmAgentError
+from slm_agent.errors import BadRequestError
+from slm_agent.models.encoder import Encoder
 from slm_agent.progress import rich_progress
+from slm_agent.quantize.encoder import ensure_encoder
+from slm_agent.runtime.config import load_settings
+from slm_agent.train.collected import read_traces
 from slm_agent.train.discover import (
     DEFAULT_MIN_SIZE,
     DEFAULT_THRESHOLD,
@@ -76,7 +81,8 @@ def _code(text: str) -> str:
     return _flat(text).replace("|", "\\|")
 
 
-@click.command("discover")
+# cls=Command: the command runs on its own too (tests, embedding), not only under `train`.
+@click.command("discover", cls=Command)
 @click.option(
     "--data", help="Collected traces: a folder or fsspec URL (default: the collector's data setting)."
 )
@@ -109,7 +115,7 @@ def _code(text: str) -> str:
 @click.option("--accept", "accept_id", type=int, help="Write proposal N to the daemon's tasks dir.")
 @click.option("--name", help="With --accept: the task's name (default: the suggested one).")
 @click.option("--replace", is_flag=True, help="With --accept: replace a task file of the same name.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@json_option(help="Print the report as JSON.")
 def discover(
     data: str | None,
     task: str | None,
@@ -130,42 +136,34 @@ def discover(
       slm-agent train discover --data s3://bucket/traces --min-size 20 --out ./discovery
       slm-agent train discover --accept 0 --name extract-contacts
     """
-    from slm_agent.collector.settings import CollectorSettings
-    from slm_agent.quantize.encoder import Encoder, ensure_encoder
-    from slm_agent.runtime.config import load_settings
-    from slm_agent.train.collected import read_traces
-
     if (name or replace) and accept_id is None:
         raise click.UsageError("--name and --replace go with --accept N")
     data = data or CollectorSettings().data
     accepted: Path | None = None
-    try:
-        traces = read_traces(data, task=task)
-        if encoder_dir is None:
-            with rich_progress("building the sentence encoder (first use)", unit="items") as progress:
-                encoder_dir = ensure_encoder(on_progress=progress)
-        encoder = Encoder(encoder_dir)
-        with rich_progress(f"embedding {len(traces)} traces", unit="items") as progress:
-            report = discover_traces(
-                traces,
-                encoder=encoder,
-                min_size=min_size,
-                threshold=threshold,
-                data=data,
-                on_progress=progress,
-            )
-        if accept_id is not None:
-            chosen = next((p for p in report.proposals if p.cluster == accept_id), None)
-            if chosen is None:
-                valid = ", ".join(str(p.cluster) for p in report.proposals) or "none"
-                raise BadRequestError(f"there is no proposal {accept_id}; proposals: {valid}", param="accept")
-            accepted = accept(chosen, load_settings().tasks_dir, name=name, replace=replace)
-    except SlmAgentError as exc:
-        raise click.ClickException(exc.message) from exc
+    traces = read_traces(data, task=task)
+    if encoder_dir is None:
+        with rich_progress("building the sentence encoder (first use)", unit="items") as progress:
+            encoder_dir = ensure_encoder(on_progress=progress)
+    encoder = Encoder(encoder_dir)
+    with rich_progress(f"embedding {len(traces)} traces", unit="items") as progress:
+        report = discover_traces(
+            traces,
+            encoder=encoder,
+            min_size=min_size,
+            threshold=threshold,
+            data=data,
+            on_progress=progress,
+        )
+    if accept_id is not None:
+        chosen = next((p for p in report.proposals if p.cluster == accept_id), None)
+        if chosen is None:
+            valid = ", ".join(str(p.cluster) for p in report.proposals) or "none"
+            raise BadRequestError(f"there is no proposal {accept_id}; proposals: {valid}", param="accept")
+        accepted = accept(chosen, load_settings().tasks_dir, name=name, replace=replace)
     written = write_report(out, "discover", report, report_markdown(report)) if out is not None else None
     if as_json:
-        click.echo(
-            json.dumps({**report.model_dump(mode="json"), "accepted": str(accepted) if accepted else None})
+        print_json(
+            {**report.model_dump(mode="json"), "accepted": str(accepted) if accepted else None}, indent=None
         )
         return
     _print(report)

@@ -15,8 +15,11 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from slm_agent.contracts.prompts import task_prompt
+from slm_agent.contracts.tasks import Task
 from slm_agent.models.manifest import PromptFormat
-from slm_agent.runtime.tasks import Task
+from slm_agent.runtime.engine import Engine, EngineConfig, GenerationRequest
+from slm_agent.runtime.engine.grammars import task_grammar
 from slm_agent.train.dataset import Example
 from slm_agent.train.metrics import TaskMetrics, aggregate, score_example
 from slm_agent.train.report import markdown_table, plot_metrics
@@ -64,9 +67,6 @@ def run_candidates(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> list[CandidateResult]:
     """Local candidates through the engine (one engine per base file), the remote from the labels."""
-    from slm_agent.runtime.engine import Engine, EngineConfig, GenerationRequest
-    from slm_agent.runtime.service import task_prompt
-
     results: list[CandidateResult] = []
     local = [c for c in candidates if c.kind != "remote"]
     total, done = len(local) * len(test), 0
@@ -93,7 +93,8 @@ def run_candidates(
                 scores, latencies = [], []
                 for example in test:
                     fmt = task.prompt_format or cand.prompt_format or PromptFormat()
-                    prefix, body, stop, grammar = task_prompt(task, example.input, example.tools, fmt, None)
+                    prefix, body, stop = task_prompt(task, example.input, example.tools, fmt)
+                    grammar = task_grammar(task, example.tools)
                     req = engine.prepare(
                         GenerationRequest(
                             prefix=prefix,

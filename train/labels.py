@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from slm_agent.runtime.router import schema_error
-from slm_agent.runtime.tasks import Task
+from slm_agent.contracts.schemas import schema_error
+from slm_agent.contracts.tasks import Task
 from slm_agent.train.collected import CollectedTrace
 
 Source = Literal["correction", "remote", "local_positive"]

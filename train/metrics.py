@@ -19,9 +19,9 @@ import jsonschema
 import numpy as np
 from pydantic import BaseModel, Field
 
+from slm_agent.contracts.schemas import schema_error
+from slm_agent.contracts.tasks import Task
 from slm_agent.errors import BadRequestError, SchemaError
-from slm_agent.runtime.router import schema_error
-from slm_agent.runtime.tasks import Task
 
 FieldPath = tuple[str | int, ...]
 _MAX_LISTED = 5

@@ -7,7 +7,7 @@ import unicodedata
 from collections import Counter
 from typing import Any
 
-from slm_agent.runtime.tasks import TASK_NAME_RE, builtin_tasks
+from slm_agent.contracts.tasks import TASK_NAME_RE, builtin_tasks
 from slm_agent.train.contract import is_tool_call
 
 

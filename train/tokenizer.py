@@ -11,7 +11,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from slm_agent.runtime.tasks import Task
+from slm_agent.contracts.tasks import Task
+from slm_agent.models import llama_log
 
 
 class ServingTokenizer:
@@ -23,10 +24,9 @@ class ServingTokenizer:
     @cached_property
     def _model(self) -> Any:
         # The model object Llama.tokenize delegates to, without a context (which needs weights).
+        # llama_cpp is imported here, on first use: loading libllama costs ~0.1 s.
         import llama_cpp
         from llama_cpp._internals import LlamaModel
-
-        from slm_agent.models import llama_log
 
         llama_log.install()
         params = llama_cpp.llama_model_default_params()

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import click
 
-from slm_agent.runtime.monitor_api import DEFAULT_PRICE_PER_MTOK
+from slm_agent.commands import Command
+from slm_agent.runtime.store.queries import DEFAULT_PRICE_PER_MTOK
+from slm_agent.tui.sources import open_source
 
 
-@click.command(name="tui")
+@click.command(name="tui", cls=Command)
 @click.option(
     "--url",
     envvar="SLM_AGENT_URL",
@@ -46,8 +48,8 @@ def tui(url: str, token: str | None, db: Path | None, remote_price: float) -> No
     \b
     Keys: d dashboard · t traces · m tasks/models · r runs · ctrl+p commands · q quit
     """
+    # Textual loads only when the app runs, so `slm-agent tui --help` stays fast.
     from slm_agent.tui.app import create_app
-    from slm_agent.tui.sources import open_source
 
     source = open_source(url=url, token=token, db=db, price_per_mtok=remote_price)
     create_app(source).run()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import random
 from datetime import datetime, timedelta
 
-from slm_agent.runtime.monitor_api import iso
-from slm_agent.runtime.traces import Feedback, TraceRecord, TraceStore
+from slm_agent.contracts.clock import iso
+from slm_agent.contracts.records import Feedback, TraceRecord
+from slm_agent.runtime.store.traces import TraceStore
 
 TASKS = (
     ("extract_fields", "extract-fields-v3"),
@@ -26,7 +27,7 @@ def demo_trace(rng: random.Random, i: int, at: datetime) -> TraceRecord:
     latency = rng.lognormvariate(6.3 if remote else 5.0, 0.45)
     return TraceRecord(
         id=f"tr_{i:08d}",
-        created_at=iso(at),
+        created_at=iso(at.timestamp()),
         endpoint="/v1/tasks/run" if i % 4 else "/v1/chat/completions",
         session_id=f"s{i % 7}",
         agent="demo-agent",
@@ -75,7 +76,7 @@ def seed(store: TraceStore, n: int, *, end: datetime, span: timedelta, rng_seed:
         store.add_feedback(
             f"tr_{n - 2:08d}", Feedback(rating="bad", correction='{"answer": 42}', source="demo")
         )
-        store.db.execute("UPDATE feedback SET created_at = ?", [iso(end)])  # stable screenshots
+        store.db.execute("UPDATE feedback SET created_at = ?", [iso(end.timestamp())])  # stable screenshots
     _seed_runs(store, end)
 
 
@@ -85,8 +86,8 @@ def _seed_runs(store: TraceStore, end: datetime) -> None:
         run_id = f"run_{r}"
         t0 = end - timedelta(seconds=120 - r * 60)
         rows.append(dict(id=run_id, run_id=run_id, parent_id=None, step=None, kind="run", name=name,
-                         route=None, status=status, started_at=iso(t0),
-                         ended_at=iso(t0 + timedelta(seconds=9)) if status == "ok" else None,
+                         route=None, status=status, started_at=iso(t0.timestamp()),
+                         ended_at=iso(t0.timestamp() + 9) if status == "ok" else None,
                          duration_ms=9000.0 if status == "ok" else None))  # fmt: skip
         for s, (kind, sname, route) in enumerate(
             (("llm", "plan", "remote"), ("tool", "search_mail", None), ("llm", "extract_fields", "local"))
@@ -95,10 +96,10 @@ def _seed_runs(store: TraceStore, end: datetime) -> None:
             rows.append(dict(id=sid, run_id=run_id, parent_id=run_id, step=s + 1, kind=kind, name=sname,
                              route=route, status="running" if status == "running" and s == 2 else "ok",
                              trace_id=f"tr_{s:08d}" if kind == "llm" else None,
-                             started_at=iso(t0 + timedelta(seconds=3 * s)),
+                             started_at=iso(t0.timestamp() + 3 * s),
                              duration_ms=None if status == "running" and s == 2 else 2500.0 + 100 * s))  # fmt: skip
             if kind == "tool":
                 rows.append(dict(id=f"{sid}_c", run_id=run_id, parent_id=sid, step=None, kind="http",
                                  name="GET /mail?q=invoice", route=None, status="ok",
-                                 started_at=iso(t0 + timedelta(seconds=3 * s + 1)), duration_ms=180.0))  # fmt: skip
+                                 started_at=iso(t0.timestamp() + 3 * s + 1), duration_ms=180.0))  # fmt: skip
     store.db["spans"].insert_all(rows)

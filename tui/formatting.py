@@ -6,7 +6,7 @@ from datetime import datetime
 
 from pydantic import BaseModel
 
-from slm_agent.runtime.monitor_api import Stats, TaskTraffic, TraceSummary
+from slm_agent.runtime.store.queries import Stats, TaskTraffic, TraceSummary
 from slm_agent.tui.sources import TaskInfo
 
 METRICS = (

@@ -18,10 +18,11 @@ from typing import Any, Literal
 import httpx
 from pydantic import BaseModel
 
+from slm_agent.contracts.records import Feedback
 from slm_agent.errors import SlmAgentError
-from slm_agent.runtime import monitor_api as mon
-from slm_agent.runtime.monitor_api import RunDetail, RunSummary, Stats, TraceDetail, TraceFilter, TracePage
-from slm_agent.runtime.traces import Feedback
+from slm_agent.runtime.store import queries as mon
+from slm_agent.runtime.store.events import SSE_HEARTBEAT_S
+from slm_agent.runtime.store.queries import RunDetail, RunSummary, Stats, TraceDetail, TraceFilter, TracePage
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ Routing = Literal["local", "remote", "auto"]
 Clock = Callable[[], datetime]
 SSE_RETRY_S = 2.0  # until the daemon says otherwise (its ``retry:`` field)
 # The daemon sends a heartbeat comment when idle; three missed ones mean the connection is dead.
-SSE_TIMEOUT = httpx.Timeout(10, read=3 * mon.SSE_HEARTBEAT_S)
+SSE_TIMEOUT = httpx.Timeout(10, read=3 * SSE_HEARTBEAT_S)
 
 
 class ReadOnlyError(SlmAgentError):

@@ -13,7 +13,7 @@ from textual.timer import Timer
 from textual.widgets import Footer, Header, Static, Tab, Tabs
 from textual_plotext import PlotextPlot
 
-from slm_agent.runtime.monitor_api import Stats
+from slm_agent.runtime.store.queries import Stats
 from slm_agent.tui import formatting as fmt
 from slm_agent.tui.sources import SourceError
 from slm_agent.tui.widgets.metric import MetricCard

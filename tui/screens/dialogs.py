@@ -9,7 +9,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, OptionList, TextArea
 
-from slm_agent.runtime.traces import Feedback
+from slm_agent.contracts.records import Feedback
 
 ROUTING = ("local", "remote", "auto")
 

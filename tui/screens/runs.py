@@ -9,14 +9,16 @@ from textual.containers import Horizontal
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Tree
 
-from slm_agent.runtime.monitor_api import RunDetail, RunSummary, SpanRecord
+from slm_agent.runtime.store.queries import RunDetail, RunSummary
+from slm_agent.runtime.store.spans import Span
 from slm_agent.tui import formatting as fmt
+from slm_agent.tui.screens.trace_detail import TraceDetailScreen
 from slm_agent.tui.sources import LiveEvent, SourceError
 
 STATUS_MARK = {"ok": "[green]✔[/]", "error": "[red]✘[/]", "running": "[yellow]…[/]"}
 
 
-def span_label(span: SpanRecord) -> str:
+def span_label(span: Span) -> str:
     mark = STATUS_MARK.get(span.status, span.status)
     step = f"{span.step}. " if span.step is not None else ""
     route = f" · {span.route}" if span.route else ""
@@ -93,7 +95,7 @@ class RunsScreen(Screen[None]):
             self.notify(str(exc), title="Runs", severity="error")
             return
         self.detail = detail
-        tree: Tree[SpanRecord] = self.query_one(Tree)
+        tree: Tree[Span] = self.query_one(Tree)
         tree.clear()
         root = next(s for s in detail.spans if s.parent_id is None)
         tree.root.set_label(span_label(root))
@@ -112,6 +114,4 @@ class RunsScreen(Screen[None]):
         if span is None or not span.trace_id:
             self.notify("This span has no trace.", severity="warning")
             return
-        from slm_agent.tui.screens.trace_detail import TraceDetailScreen
-
         self.app.push_screen(TraceDetailScreen(span.trace_id))

@@ -13,8 +13,8 @@ from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
 
-from slm_agent.runtime.monitor_api import TraceDetail
-from slm_agent.runtime.traces import Feedback
+from slm_agent.contracts.records import Feedback
+from slm_agent.runtime.store.queries import TraceDetail
 from slm_agent.tui import formatting as fmt
 from slm_agent.tui.screens.dialogs import CorrectionScreen
 from slm_agent.tui.sources import ReadOnlyError, SourceError

@@ -10,8 +10,9 @@ from textual.screen import Screen
 from textual.timer import Timer
 from textual.widgets import Checkbox, DataTable, Footer, Header, Input, Select, Static
 
-from slm_agent.runtime.monitor_api import TraceFilter, TraceSummary
+from slm_agent.runtime.store.queries import TraceFilter, TraceSummary
 from slm_agent.tui import formatting as fmt
+from slm_agent.tui.screens.trace_detail import TraceDetailScreen
 from slm_agent.tui.sources import LiveEvent, SourceError
 
 PAGE = 100
@@ -143,8 +144,6 @@ class TracesScreen(Screen[None]):
             self.open_trace(self.rows[table.cursor_row].id)
 
     def open_trace(self, trace_id: str) -> None:
-        from slm_agent.tui.screens.trace_detail import TraceDetailScreen
-
         self.app.push_screen(TraceDetailScreen(trace_id))
 
     # -- live ----------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Agent runs: the remote plans, steps run where they fit."""

@@ -1,0 +1,1 @@
+"""``slm-agent`` command groups of the device: config, tasks, traces, models, sync."""

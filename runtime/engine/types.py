@@ -1,0 +1,82 @@
+"""What goes in and out of the engine: its settings, one request, one result, its counters."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class EngineConfig:
+    model_path: Path
+    n_ctx: int = 4096
+    n_threads: int = 2
+    n_batch: int = 512
+    queue_size: int = 16
+    prefix_cache_size: int = 8
+
+
+@dataclass
+class GenerationRequest:
+    """One generation. ``prefix`` is the fixed part of the prompt (cached), ``body`` the rest."""
+
+    prefix: str
+    body: str
+    adapter: str | None = None
+    adapter_scale: float = 1.0
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    grammar: Any = None  # llama_cpp.LlamaGrammar
+    logprobs: bool = False
+    deadline: float | None = None  # time.monotonic() deadline
+    cancel: threading.Event = field(default_factory=threading.Event)
+    on_text: Callable[[str], None] | None = None
+    # Filled by Engine.prepare():
+    prefix_tokens: list[int] = field(default_factory=list)
+    body_tokens: list[int] = field(default_factory=list)
+    enqueued_at: float = 0.0
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    finish_reason: str  # stop | length | cancelled
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    queue_ms: float
+    ttft_ms: float | None
+    total_ms: float
+    token_logprobs: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        if self.ttft_ms is None or self.completion_tokens < 2:
+            return None
+        decode_s = (self.total_ms - self.queue_ms - self.ttft_ms) / 1000
+        return (self.completion_tokens - 1) / decode_s if decode_s > 0 else None
+
+
+@dataclass
+class EngineStats:
+    requests: int = 0
+    adapter_switches: int = 0
+    prefix_hits_kv: int = 0
+    prefix_hits_state: int = 0
+    prefix_misses: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cancelled: int = 0
+
+
+@dataclass
+class LoadedAdapter:
+    name: str
+    path: Path
+    handle: Any  # llama_adapter_lora_p

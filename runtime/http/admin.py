@@ -1,0 +1,82 @@
+"""Health, metrics, feedback, and the admin routes: load and unload adapters, set a task's routing."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from slm_agent.contracts.api import AdapterLoad, TaskPolicy
+from slm_agent.contracts.records import Feedback
+from slm_agent.errors import BadRequestError
+from slm_agent.runtime.http.deps import LoadedServices, ReadyServices
+from slm_agent.runtime.http.services import Services
+
+router = APIRouter()
+
+
+@router.get("/healthz")
+async def healthz(request: Request) -> JSONResponse:
+    # No dependency: health answers while the services are still being built, and after a failed load.
+    services: Services | None = getattr(request.app.state, "services", None)
+    if services is None:
+        return JSONResponse({"status": "starting"}, status_code=503)
+    status = "failed" if services.load_error else ("ok" if services.engine.ready else "loading")
+    body = {
+        "status": status,
+        "model": services.base.name,
+        "adapters": sorted(services.engine.adapters),
+        "queue_depth": services.engine.queue_depth,
+        "error": services.load_error,
+    }
+    return JSONResponse(body, status_code=200 if status == "ok" else 503)
+
+
+@router.get("/metrics")
+async def metrics(services: LoadedServices) -> Response:
+    return Response(services.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+@router.post("/v1/traces/{trace_id}/feedback")
+async def add_feedback(trace_id: str, body: Feedback, services: LoadedServices) -> JSONResponse:
+    if body.rating is None and not body.correction and not body.comment:
+        raise BadRequestError("feedback needs a rating, a correction or a comment")
+    record = services.traces.add_feedback(trace_id, body)
+    return JSONResponse(record.model_dump(), status_code=201)
+
+
+@router.post("/v1/admin/adapters")
+async def load_adapter(body: AdapterLoad, services: ReadyServices) -> JSONResponse:
+    manifest = services.store.get(body.name)
+    if manifest.kind != "lora-adapter":
+        raise BadRequestError(f"{body.name!r} is a {manifest.kind}, not a LoRA adapter", param="name")
+    if manifest.base != services.base.name:
+        raise BadRequestError(
+            f"adapter {body.name!r} was built for {manifest.base!r}, but this daemon serves {services.base.name!r}",
+            param="name",
+        )
+    await asyncio.to_thread(services.engine.load_adapter, body.name, services.store.path_of(manifest))
+    services.events.publish("adapter_load", {"adapter": body.name})
+    bound = [t for t in manifest.tasks if services.tasks.bind_adapter(t, body.name) is not None]
+    return JSONResponse(
+        {"name": body.name, "loaded": True, "tasks": bound, "adapters": sorted(services.engine.adapters)}
+    )
+
+
+@router.delete("/v1/admin/adapters/{name}")
+async def unload_adapter(name: str, services: ReadyServices) -> JSONResponse:
+    await asyncio.to_thread(services.engine.unload_adapter, name)
+    services.events.publish("adapter_unload", {"adapter": name})
+    return JSONResponse({"name": name, "loaded": False, "adapters": sorted(services.engine.adapters)})
+
+
+@router.get("/v1/admin/tasks")
+async def list_tasks(services: LoadedServices) -> JSONResponse:
+    return JSONResponse([t.model_dump(mode="json") for t in services.tasks.list()])
+
+
+@router.patch("/v1/admin/tasks/{name}")
+async def set_task_policy(name: str, body: TaskPolicy, services: LoadedServices) -> JSONResponse:
+    task = services.tasks.set_routing(name, body.routing)
+    return JSONResponse(task.model_dump(mode="json"))

@@ -1,0 +1,80 @@
+"""Prometheus metrics of one daemon (its own registry, so several apps can live in one process)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from slm_agent.runtime.engine import Engine
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class _EngineCollector(Collector):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        stats = self.engine.stats
+        yield GaugeMetricFamily(
+            "slm_queue_depth", "Requests waiting for or running on the engine.", self.engine.queue_depth
+        )
+        yield GaugeMetricFamily("slm_adapters_loaded", "LoRA adapters loaded.", len(self.engine.adapters))
+        yield CounterMetricFamily(
+            "slm_adapter_switches", "Adapter changes on the context.", stats.adapter_switches
+        )
+        hits = CounterMetricFamily(
+            "slm_prefix_cache", "Prompt-prefix lookups by outcome.", labels=["outcome"]
+        )
+        hits.add_metric(["kv_resident"], stats.prefix_hits_kv)
+        hits.add_metric(["state_restored"], stats.prefix_hits_state)
+        hits.add_metric(["miss"], stats.prefix_misses)
+        yield hits
+        yield GaugeMetricFamily(
+            "slm_prefix_cache_bytes", "Bytes held by saved prefix states.", self.engine.prefix_cache.bytes
+        )
+
+
+class Metrics:
+    def __init__(self, engine: Engine) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "slm_requests",
+            "Requests by endpoint, status and route.",
+            ["endpoint", "status", "route"],
+            registry=self.registry,
+        )
+        self.tokens = Counter("slm_tokens", "Tokens processed.", ["kind"], registry=self.registry)
+        self.latency = self._seconds("slm_request_latency_seconds", "End-to-end request latency.")
+        self.ttft = self._seconds("slm_time_to_first_token_seconds", "Time to first token.")
+        self.registry.register(_EngineCollector(engine))
+
+    def _seconds(self, name: str, documentation: str) -> Histogram:
+        """A per-endpoint histogram of durations in seconds."""
+        return Histogram(name, documentation, ["endpoint"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+
+    def observe(
+        self,
+        endpoint: str,
+        status: int,
+        route: str,
+        latency_ms: float | None,
+        ttft_ms: float | None,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+    ) -> None:
+        self.requests.labels(endpoint, str(status), route).inc()
+        if latency_ms is not None:
+            self.latency.labels(endpoint).observe(latency_ms / 1000)
+        if ttft_ms is not None:
+            self.ttft.labels(endpoint).observe(ttft_ms / 1000)
+        if prompt_tokens:
+            self.tokens.labels("prompt").inc(prompt_tokens)
+        if completion_tokens:
+            self.tokens.labels("completion").inc(completion_tokens)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,1 @@
+"""Where a request is answered and why: rules, review of local answers, escalation."""

@@ -1,0 +1,1 @@
+"""Local requests without HTTP: jobs, prompts, response shaping, and the one trace recorder."""

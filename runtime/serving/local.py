@@ -1,0 +1,105 @@
+"""Running a prepared job on the local engine from asyncio: wait for it (cancelling it when the
+client goes away), or stream it as server-sent events with its trace committed before the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
+
+from slm_agent.errors import SlmAgentError
+from slm_agent.runtime.engine import Engine, GenerationResult
+from slm_agent.runtime.serving import responses
+from slm_agent.runtime.serving.context import CallContext, Job
+from slm_agent.runtime.serving.recorder import LocalAnswer, TraceRecorder
+from slm_agent.runtime.serving.sse import DONE, error_event
+
+
+class LocalRunner:
+    def __init__(self, engine: Engine, recorder: TraceRecorder) -> None:
+        self.engine = engine
+        self.recorder = recorder
+
+    async def run(self, job: Job, ctx: CallContext) -> GenerationResult:
+        """Run a job on the engine; cancel it if the client goes away while it waits. An engine
+        error (queue full, deadline, context overflow) is traced before it is raised."""
+        try:
+            future = asyncio.wrap_future(self.engine.submit(job.gen))
+            while True:
+                done, _ = await asyncio.wait({future}, timeout=0.25)
+                if done:
+                    return future.result()
+                if await ctx.disconnected():
+                    job.gen.cancel.set()
+        except SlmAgentError as exc:
+            self.recorder.local(job, None, error=exc)
+            raise
+
+    def stream(self, job: Job, *, chat: bool, include_usage: bool) -> AsyncIterator[bytes]:
+        """Submit now (so a full queue is still a plain 429), then stream the answer as it comes."""
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[str] = asyncio.Queue()
+        if job.output_kind != "tool_call":  # a tool call is sent whole, once it parses
+            job.gen.on_text = lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)
+        try:
+            future = self.engine.submit(job.gen)
+        except SlmAgentError as exc:
+            self.recorder.local(job, None, error=exc)
+            raise
+        return self._events(job, future, pieces, chat=chat, include_usage=include_usage)
+
+    async def _events(
+        self,
+        job: Job,
+        future: Future[GenerationResult],
+        pieces: asyncio.Queue[str],
+        *,
+        chat: bool,
+        include_usage: bool,
+    ) -> AsyncIterator[bytes]:
+        waiter = asyncio.wrap_future(future)
+        chunks = responses.Chunks(job.trace.id, job.target.model_id, chat=chat)
+        finished = False
+        result: GenerationResult | None = None
+        try:
+            if chat:
+                yield chunks.role()
+            while not waiter.done():
+                getter = asyncio.ensure_future(pieces.get())
+                await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield chunks.text(getter.result())
+                else:
+                    getter.cancel()
+            while not pieces.empty():
+                yield chunks.text(pieces.get_nowait())
+            result = waiter.result()
+            finish = responses.finish_reason(result.finish_reason)
+            answer = responses.chat_answer(job, result) if chat else LocalAnswer(result.text)
+            if answer.tool_calls:
+                finish = "tool_calls"
+                yield chunks.tool_calls([c.model_dump() for c in answer.tool_calls])
+            if chat and not answer.tool_calls:
+                answer.text = result.text
+            self.recorder.local(job, result, answer)
+            # The trace is committed; only now do the last bytes go out.
+            yield chunks.finish(finish)
+            if include_usage:
+                yield chunks.usage(responses.usage(result))
+            yield DONE
+            finished = True
+        except SlmAgentError as exc:
+            self.recorder.local(job, result, LocalAnswer(result.text if result else None), error=exc)
+            finished = True
+            yield error_event(exc)
+            yield DONE
+        finally:
+            if not finished:
+                # The client went away mid-stream: stop generating, keep the trace of what was said.
+                job.gen.cancel.set()
+                future.add_done_callback(lambda f: self._abandoned(job, f))
+
+    def _abandoned(self, job: Job, future: Future[GenerationResult]) -> None:
+        result = None if future.exception() else future.result()
+        self.recorder.local(job, result, status=499)

@@ -1,0 +1,1 @@
+"""Device side of sync: cursors (``state``), targets, push, the background worker, pull of adapters."""
