@@ -24,10 +24,12 @@ def publish_adapter(
     metrics: dict[str, float] | None = None,
     dataset_sha256: str | None = None,
     training: dict[str, Any] | None = None,
+    task_files: dict[str, str] | None = None,
 ) -> PublishedAdapter:
     """Copy the file first and write the manifest last: a listing never shows a half-copied file.
 
-    Published versions are immutable; a new version gets a new name.
+    Published versions are immutable; a new version gets a new name. ``task_files`` (task name ->
+    TOML) travel in the manifest for tasks a device does not have yet (chat-shaped, discovered here).
     """
     source = Path(source)
     folder = Path(publish_dir) / name
@@ -49,6 +51,7 @@ def publish_adapter(
         metrics=metrics,
         dataset_sha256=dataset_sha256,
         training=training,
+        task_files=task_files or {},
     )
     write_atomic(folder / MANIFEST_NAME, manifest.model_dump_json(indent=2).encode())
     return manifest

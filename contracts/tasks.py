@@ -176,9 +176,33 @@ class TaskRegistry:
         self.tasks_dir = Path(tasks_dir)
         self._tasks: dict[str, Task] = {}
         self._bindings: dict[str, str] = {}
+        self._routing: dict[str, Routing] = {}  # admin overrides: they outlive reloads of the files
+        # Bumped by every reload: indexes built over the tasks (the matcher's) rebuild when it moves.
+        self.generation = 0
+        self._fingerprint: tuple[object, ...] = ()
         self.reload()
 
+    def refresh(self) -> bool:
+        """Reload if the tasks dir changed since the last load (a file added, removed or rewritten).
+
+        A task accepted on the training box and pulled, or written by ``tasks add``, is picked up
+        without a restart; the check is a listing and a stat per file, cheap enough to run often.
+        """
+        if self._dir_fingerprint() == self._fingerprint:
+            return False
+        self.reload()
+        return True
+
+    def _dir_fingerprint(self) -> tuple[object, ...]:
+        try:
+            files = sorted(self.tasks_dir.glob("*.toml"))
+            stats = [(p.name, (st := p.stat()).st_mtime_ns, st.st_size) for p in files]
+            return (self.tasks_dir.stat().st_mtime_ns, *stats)
+        except OSError:  # the dir (or a file being replaced) is missing: compare as "no files"
+            return ()
+
     def reload(self) -> None:
+        self._fingerprint = self._dir_fingerprint()
         tasks = {t.name: t for t in builtin_tasks()}
         if self.tasks_dir.is_dir():
             for path in sorted(self.tasks_dir.glob("*.toml")):
@@ -191,7 +215,11 @@ class TaskRegistry:
         for name, adapter in self._bindings.items():
             if name in tasks and tasks[name].adapter is None:
                 tasks[name] = tasks[name].model_copy(update={"adapter": adapter})
+        for name, routing in self._routing.items():
+            if name in tasks:
+                tasks[name] = tasks[name].model_copy(update={"routing": routing})
         self._tasks = tasks
+        self.generation += 1
 
     def list(self) -> list[Task]:
         return list(self._tasks.values())
@@ -248,6 +276,7 @@ class TaskRegistry:
         """Change a task's routing policy for this daemon's lifetime (an admin action)."""
         task = self.get(name).model_copy(update={"routing": routing})
         self._tasks[name] = task
+        self._routing[name] = routing
         return task
 
 

@@ -88,6 +88,12 @@ class PublishedAdapter(BaseModel):
     metrics: dict[str, float] | None = Field(None, description="Held-out test metrics from `train eval`.")
     dataset_sha256: str | None = Field(None, description="The dataset it was trained and tested on.")
     training: dict[str, Any] | None = Field(None, description="The LoRA training config.")
+    task_files: dict[str, str] = Field(
+        default_factory=dict,
+        description="Task name -> its task file (TOML) for the tasks a device cannot know yet: chat-shaped "
+        "tasks discovered on the training box. `sync pull` installs one where the device has no file of "
+        "that name.",
+    )
 
 
 class AdapterListing(BaseModel):
@@ -120,6 +126,9 @@ class PushResult(BaseModel):
 
 class PullResult(BaseModel):
     installed: list[str] = Field(default_factory=list)
+    tasks_installed: list[str] = Field(
+        default_factory=list, description="Task files written to the tasks dir (none is ever overwritten)."
+    )
     unchanged: list[str] = Field(default_factory=list)
     rejected: dict[str, str] = Field(default_factory=dict, description="name -> why")
     loaded: list[str] = Field(default_factory=list, description="Installed adapters the daemon hot-loaded.")

@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from slm_agent import locations
 from slm_agent.contracts.wire import SyncSettings
 from slm_agent.models.bundled import BUNDLED_NAME
+from slm_agent.models.encoder import default_encoder_dir
 from slm_agent.runtime.remote.settings import RemoteSettings
 
 ENV_PREFIX = "SLM_AGENT_"
@@ -61,6 +62,14 @@ class Settings(BaseSettings):
     store_dir: Path = Field(default_factory=locations.default_store_dir, description="Model store folder.")
     db_path: Path = Field(default_factory=locations.default_db_path, description="SQLite trace database.")
     tasks_dir: Path = Field(default_factory=locations.tasks_dir, description="Folder of task TOML files.")
+    encoder_dir: Path = Field(
+        default_factory=default_encoder_dir,
+        description="Sentence encoder (int8 ONNX, built by `slm-agent quantize encoder`) that matches "
+        "agent calls to tasks by content; without one, calls match by template signature only.",
+    )
+    shadow_queue: int = Field(
+        64, ge=1, description="Shadow comparisons waiting for an idle engine; the oldest gives way."
+    )
 
     # -- remote ------------------------------------------------------------------------------------
     remote: RemoteSettings = Field(

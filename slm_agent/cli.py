@@ -14,6 +14,7 @@ GROUPS = {
     "config": "slm_agent.runtime.cli.config:config",
     "tasks": "slm_agent.runtime.cli.tasks:tasks",
     "traces": "slm_agent.runtime.cli.traces:traces",
+    "report": "slm_agent.runtime.cli.report:report",
     "sync": "slm_agent.runtime.cli.sync:sync",
     "collector": "slm_agent.collector.cli:collector",
     "tui": "slm_agent.tui.cli:tui",

@@ -16,6 +16,8 @@ import httpx
 import pytest
 
 from slm_agent.models import BUNDLED_NAME, ModelManifest, ModelStore, ensure_bundled
+from slm_agent.models.encoder import Encoder
+from slm_agent.quantize.encoder import build_encoder, default_source
 
 # The remote LLM (llama-cpp-python's server) and the fault server, for every test module.
 pytest_plugins = ["remote_fixtures"]
@@ -180,3 +182,12 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, shared_store: ModelStore) -
 def train_base_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Dequantized base weights for training tests: made once a session (~40 s), then ~3 s a load."""
     return tmp_path_factory.mktemp("train-base-cache")
+
+
+@pytest.fixture(scope="session")
+def int8_encoder(tmp_path_factory: pytest.TempPathFactory) -> Encoder:
+    """The int8 ONNX MiniLM that `slm-agent quantize encoder` builds, made once a session."""
+    source, origin = default_source()
+    folder = tmp_path_factory.mktemp("encoder") / "minilm-int8"
+    build_encoder(source, folder, origin=origin)
+    return Encoder(folder)

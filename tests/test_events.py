@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request, Response
 
 from slm_agent.contracts.records import TraceRecord
 from slm_agent.runtime.http import monitor
-from slm_agent.runtime.http.deps import services_of
+from slm_agent.runtime.http.deps import started_services
 from slm_agent.runtime.store.events import SEQ_SHIFT, EventBus
 from slm_agent.runtime.store.traces import TraceStore
 from slm_agent.tui.sources import DaemonSource
@@ -49,7 +49,7 @@ async def until(condition: Callable[[], bool], timeout: float = 5) -> None:
 def monitor_app(store: TraceStore, bus: EventBus) -> FastAPI:
     """The monitor routes behind an HTTP middleware, as in the daemon."""
     app = FastAPI()
-    app.dependency_overrides[services_of] = lambda: SimpleNamespace(traces=store, events=bus)
+    app.dependency_overrides[started_services] = lambda: SimpleNamespace(traces=store, events=bus)
     app.include_router(monitor.router)
 
     @app.middleware("http")

@@ -25,6 +25,7 @@ from slm_agent.train.evaluate import Candidate, EvalReport, eval_markdown, plot_
 from slm_agent.train.lora import StepReport, TrainResult
 from slm_agent.train.report import markdown_table, plot_curve, write_report
 from slm_agent.train.settings import LoraConfig, TrainSettings
+from slm_agent.train.task_toml import shipped_task_file
 from slm_agent.train.tokenizer import ServingTokenizer
 from slm_agent.train.workspace import Workspace
 
@@ -102,6 +103,7 @@ class TrainingBox:
             test_fraction=self.settings.test_fraction,
             near_duplicate=self.settings.near_duplicate,
             max_tokens=self.settings.max_tokens,
+            prompt_format=self.base().prompt_format,
             on_progress=on_progress,
         )
 
@@ -287,6 +289,11 @@ class TrainingBox:
         write_report(ws.eval, "eval", report, eval_markdown(report, "eval.png"))
         return report
 
+    def _task_files(self, name: str) -> dict[str, str] | None:
+        """A chat-shaped task was discovered here: the device learns its definition with the adapter."""
+        task = self.task(name)
+        return {name: shipped_task_file(task)} if task.form == "chat" else None
+
     def published(self, name: str) -> PublishedAdapter | None:
         mine = [a for a in scan_publish_dir(self.settings.publish_dir) if name in a.tasks]
         return max(mine, key=lambda a: a.created_at) if mine else None
@@ -345,6 +352,7 @@ class TrainingBox:
             metrics=metrics,
             dataset_sha256=card.dataset_sha256,
             training=lora_report.train.config.model_dump(),
+            task_files=self._task_files(name),
         )
         result = PublishReport(task=name, run=run_id, published=published, beat=gains)
         rows = [[k, f"{v:+.3f}"] for k, v in gains.items()]

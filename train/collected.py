@@ -1,7 +1,8 @@
 """Read what the collector stored: Parquet traces and feedback, joined per trace.
 
 The collector writes hive-partitioned Parquet (``traces/day=…/device=…/part-….parquet`` and the
-same under ``feedback/``); this is the one place the training box reads it.
+same under ``feedback/``) and tags (``collector.tags``); this is the one place the training box
+reads them. A trace belongs to a task when its ``task`` column names it or it is tagged for it.
 """
 
 from __future__ import annotations
@@ -9,9 +10,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.dataset as ds
 from pydantic import BaseModel, Field
 
+from slm_agent.collector.storage import TRACE_SCHEMA
+from slm_agent.collector.tags import read_tags
+from slm_agent.contracts.signature import template, template_signature
 from slm_agent.errors import NotFoundError
 
 _TRACE_COLUMNS = [
@@ -20,16 +25,22 @@ _TRACE_COLUMNS = [
     "endpoint",
     "task",
     "route",
+    "route_reason",
     "status",
     "error",
     "request",
     "tools",
+    "params",
     "response",
     "output",
     "tool_calls",
     "adapter",
     "remote_model",
+    "signature",
+    "match_method",
 ]
+# Files written before a column existed read it as null: every file is read with today's schema.
+_PARTITIONS = pa.schema([pa.field("day", pa.string()), pa.field("device", pa.string())])
 
 
 class CollectedFeedback(BaseModel):
@@ -47,17 +58,62 @@ class CollectedTrace(BaseModel):
     endpoint: str
     task: str | None = None
     route: str = "local"
+    route_reason: str | None = None
     status: int = 200
     error: str | None = None
     input: str | None = Field(
         None, description="The text the task worked on (the last user message for chat)."
     )
+    request: Any = Field(None, description="The request as stored: chat messages, or the task input.")
     tools: list[dict[str, Any]] | None = None
+    params: dict[str, Any] | None = None
     response: str | None = None
     output: Any = None
+    tool_calls: list[dict[str, Any]] | None = Field(
+        None, description="The answer's tool calls, OpenAI-shaped (arguments a JSON string)."
+    )
     adapter: str | None = None
     remote_model: str | None = None
+    signature: str | None = Field(None, description="Template signature the device computed, if any.")
+    match_method: str | None = None
+    tags: list[str] = Field(default_factory=list, description="Tasks this trace is tagged for.")
     feedback: list[CollectedFeedback] = Field(default_factory=list)
+
+    def belongs_to(self, task: str) -> bool:
+        return self.task == task or task in self.tags
+
+    @property
+    def messages(self) -> list[dict[str, Any]] | None:
+        """The chat messages of a chat request (None for task-API calls and completions)."""
+        if self.endpoint == "tasks":
+            return None
+        found = self.request.get("messages") if isinstance(self.request, dict) else self.request
+        if not isinstance(found, list) or not all(isinstance(m, dict) for m in found):
+            return None
+        return found
+
+    @property
+    def response_format(self) -> dict[str, Any] | None:
+        found = (self.params or {}).get("response_format")
+        if found is None and isinstance(self.request, dict):
+            found = self.request.get("response_format")
+        return found if isinstance(found, dict) else None
+
+    def has_template(self) -> bool:
+        """Whether the request has fixed parts (system prompt, tools, response format or a templated
+        user lead) that make calls of one agent step recognisable; a bare question has none."""
+        messages = self.messages
+        if not messages:
+            return False
+        fixed = template(messages, self.tools, self.response_format)
+        return bool(fixed["system"] or fixed["tools"] or fixed["response_format"] or fixed["user_lead"])
+
+    def template_signature(self) -> str | None:
+        """The signature stored with the trace, else computed the way the device computes it."""
+        if self.signature:
+            return self.signature
+        messages = self.messages
+        return template_signature(messages, self.tools, self.response_format) if messages else None
 
     @property
     def correction(self) -> str | None:
@@ -75,6 +131,14 @@ def _json(value: Any) -> Any:
         except json.JSONDecodeError:
             return value
     return value
+
+
+def _dict(value: Any) -> dict[str, Any] | None:
+    return value if isinstance(value, dict) else None
+
+
+def _list(value: Any) -> list[Any] | None:
+    return value if isinstance(value, list) else None
 
 
 def request_text(request: Any, endpoint: str) -> str | None:
@@ -104,6 +168,12 @@ def _dataset(data_url: str, kind: str) -> ds.Dataset | None:
     root = root.rstrip("/")
     if not fs.exists(f"{root}/{kind}"):
         return None
+    if kind == "traces":
+        schema = pa.unify_schemas([TRACE_SCHEMA, _PARTITIONS])
+        partitioning = ds.partitioning(_PARTITIONS, flavor="hive")
+        return ds.dataset(
+            f"{root}/{kind}", filesystem=fs, format="parquet", partitioning=partitioning, schema=schema
+        )
     return ds.dataset(f"{root}/{kind}", filesystem=fs, format="parquet", partitioning="hive")
 
 
@@ -112,16 +182,18 @@ def task_counts(data_url: str) -> dict[str, int]:
     traces_ds = _dataset(data_url, "traces")
     if traces_ds is None:
         return {}
-    column = traces_ds.to_table(columns=["task"]).column("task").to_pylist()
+    table = traces_ds.to_table(columns=["id", "task"])
+    tags = read_tags(data_url)
     counts: dict[str, int] = {}
-    for name in column:
-        if name:
-            counts[name] = counts.get(name, 0) + 1
+    for trace_id, name in zip(table.column("id").to_pylist(), table.column("task").to_pylist(), strict=True):
+        for task in dict.fromkeys([*([name] if name else []), *tags.get(trace_id, [])]):
+            counts[task] = counts.get(task, 0) + 1
     return counts
 
 
 def read_traces(data_url: str, task: str | None = None) -> list[CollectedTrace]:
-    """Every collected trace (of one task when given), oldest first, with its feedback attached."""
+    """Every collected trace (of one task when given: named by the trace or tagged), oldest first,
+    with its feedback and tags attached."""
     traces_ds = _dataset(data_url, "traces")
     if traces_ds is None:
         raise NotFoundError(
@@ -130,7 +202,11 @@ def read_traces(data_url: str, task: str | None = None) -> list[CollectedTrace]:
     columns = [c for c in _TRACE_COLUMNS if c in traces_ds.schema.names]
     if "device" in traces_ds.schema.names:
         columns.append("device")
-    flt = (ds.field("task") == task) if task is not None else None
+    tags = read_tags(data_url)
+    flt = None
+    if task is not None:
+        tagged = [trace_id for trace_id, names in tags.items() if task in names]
+        flt = (ds.field("task") == task) | ds.field("id").isin(pa.array(tagged, pa.string()))
     rows = traces_ds.to_table(columns=columns, filter=flt).to_pylist()
     feedback: dict[str, list[CollectedFeedback]] = {}
     feedback_ds = _dataset(data_url, "feedback")
@@ -161,14 +237,21 @@ def read_traces(data_url: str, task: str | None = None) -> list[CollectedTrace]:
                 endpoint=row["endpoint"],
                 task=row.get("task"),
                 route=row.get("route") or "local",
+                route_reason=row.get("route_reason"),
                 status=row.get("status") or 200,
                 error=row.get("error"),
                 input=request_text(request, row["endpoint"]),
+                request=request,
                 tools=_json(row.get("tools")),
+                params=_dict(_json(row.get("params"))),
                 response=row.get("response"),
                 output=_json(row.get("output")),
+                tool_calls=_list(_json(row.get("tool_calls"))),
                 adapter=row.get("adapter"),
                 remote_model=row.get("remote_model"),
+                signature=row.get("signature"),
+                match_method=row.get("match_method"),
+                tags=tags.get(row["id"], []),
                 feedback=feedback.get(row["id"], []),
             )
         )

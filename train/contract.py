@@ -22,8 +22,26 @@ _NEARLY_ALL = 0.95
 _REQUIRED_SHARE = 0.9
 
 
+def tool_call_answer(tool_calls: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """The first OpenAI-shaped tool call as ``{"name": ..., "arguments": {...}}``, the form the
+    daemon's tool-call grammar writes; None when there is none or its arguments are not a JSON object."""
+    if not tool_calls or not isinstance(tool_calls[0], dict):
+        return None
+    fn = tool_calls[0].get("function") or tool_calls[0]
+    name, arguments = fn.get("name"), fn.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(name, str) or not isinstance(arguments, dict | None):
+        return None
+    return {"name": name, "arguments": arguments or {}}
+
+
 def answer_of(trace: CollectedTrace) -> Any:
-    """What the trace should have answered: its correction, else its output or response text.
+    """What the trace should have answered: its correction, else its output, its tool call, or its
+    response text (a remote that calls a tool answers with ``tool_calls`` and no content).
 
     Training labels (``labels.label_trace``) are stricter: they also drop answers rated bad and
     traces with an error, and check the answer against a known task's contract.
@@ -34,6 +52,8 @@ def answer_of(trace: CollectedTrace) -> Any:
         return None
     if trace.output is not None:
         return _parse(trace.output) if isinstance(trace.output, str) else trace.output
+    if trace.tool_calls:
+        return tool_call_answer(trace.tool_calls)
     return _parse(trace.response) if trace.response else None
 
 

@@ -2,6 +2,8 @@
 
 Writes ``train/val/test.parquet`` and a dataset card (markdown + JSON) into the task's
 workspace. The split depends only on each input, so an example held out once stays held out.
+A chat-shaped task's input is the agent's whole request (``train.chat``); its dedup and split are
+keyed on the request's variable content, since every call repeats the same system prompt and tools.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from slm_agent.atomic import replace_dir
 from slm_agent.contracts.clock import utcnow
 from slm_agent.contracts.tasks import Task
 from slm_agent.errors import BadRequestError, NotFoundError
+from slm_agent.models.manifest import PromptFormat
 from slm_agent.privacy.scrub import Sanitizer
+from slm_agent.train.chat import ChatInput, example_prompt
 from slm_agent.train.collected import CollectedTrace
 from slm_agent.train.dedup import Split, near_duplicate_groups, stable_split
-from slm_agent.train.labels import SOURCES, Labeled, canonical, label_trace
+from slm_agent.train.labels import SOURCES, Labeled, Unusable, canonical, given_answer, label_trace
 from slm_agent.train.report import markdown_table, write_report
 from slm_agent.train.tokenizer import ServingTokenizer, answer_text
 
@@ -35,7 +39,7 @@ SPLITS: tuple[Split, ...] = ("train", "val", "test")
 
 class Example(BaseModel):
     id: str = Field(description="The trace this example came from.")
-    input: str
+    input: str = Field(description="The task input; for a chat-shaped task the request as JSON (train.chat).")
     tools: list[dict[str, Any]] | None = None
     label: str
     source: str
@@ -94,6 +98,8 @@ def task_sha256(task: Task) -> str:
             "examples",
         }
     )
+    if task.form == "chat":  # only then: the hash of a task-shaped task stays what it was
+        fields["form"] = task.form
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
@@ -109,9 +115,12 @@ def build_dataset(
     test_fraction: float = 0.2,
     near_duplicate: float = 0.9,
     max_tokens: int = 512,
+    prompt_format: PromptFormat | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> DatasetCard:
-    mine = [t for t in traces if t.task == task.name]
+    """``prompt_format`` is the base model's (a chat-shaped task's prompt is built with it)."""
+    fmt = task.prompt_format or prompt_format or PromptFormat()
+    mine = [t for t in traces if t.belongs_to(task.name)]
     if not mine:
         raise NotFoundError(
             f"no collected traces for task {task.name!r}: serve it on a device and push its traces first",
@@ -120,7 +129,7 @@ def build_dataset(
     dropped: Counter[str] = Counter()
     labeled: list[tuple[CollectedTrace, Labeled]] = []
     for trace in mine:
-        if not trace.input:
+        if not trace.input or (task.form == "chat" and ChatInput.of(trace) is None):
             dropped["no input"] += 1
             continue
         result = label_trace(task, trace)
@@ -138,25 +147,21 @@ def build_dataset(
     # Best label first (correction, remote, rated local), newest first: dedup keeps the first.
     labeled.sort(key=lambda p: p[0].created_at, reverse=True)
     labeled.sort(key=lambda p: SOURCES.index(p[1].source))
-    # Input and label are one row to the sanitizer: a value copied from input to answer gets the
-    # same placeholder in both.
     sanitizer = Sanitizer()
     found: dict[str, int] = {}
-    rows: list[tuple[CollectedTrace, str, str, str]] = []
-    for trace, lab in labeled:
-        clean = sanitizer.clean({"input": trace.input or "", "label": lab.label}, found)
-        rows.append((trace, clean["input"], clean["label"], lab.source))
+    rows = [_row(task, trace, lab, sanitizer, found) for trace, lab in labeled]
     redactions = sum(found.values())
-    owners = near_duplicate_groups([r[1] for r in rows], near_duplicate)
+    owners = near_duplicate_groups([r.key for r in rows], near_duplicate)
     examples: list[Example] = []
-    for i, (trace, text, label, source) in enumerate(rows):
+    for i, row in enumerate(rows):
         if on_progress:
             on_progress(i + 1, len(rows))
         if owners[i] != i:
             dropped["duplicate"] += 1
             continue
-        tools = trace.tools or task.tools or None
-        prompt = tokenizer.prompt(task.prefix(), task.body(text, tools if task.kind == "tool_call" else None))
+        trace, text, label, tools = row.trace, row.text, row.label, row.tools
+        prefix, body, _ = example_prompt(task, text, tools, fmt)
+        prompt = tokenizer.prompt(prefix, body)
         answer, eos = answer_text(task, label)
         answer_ids = tokenizer.answer(answer, eos=eos)
         if len(prompt) + len(answer_ids) > max_tokens:
@@ -168,9 +173,9 @@ def build_dataset(
                 input=text,
                 tools=tools,
                 label=label,
-                source=source,
+                source=row.source,
                 teacher=_teacher(task, trace, tools),
-                split=stable_split(text, val_fraction, test_fraction),
+                split=stable_split(row.key, val_fraction, test_fraction),
                 created_at=trace.created_at,
                 prompt_ids=prompt,
                 answer_ids=answer_ids,
@@ -205,10 +210,40 @@ def build_dataset(
     return card
 
 
+class _Row(BaseModel):
+    """A labeled trace, scrubbed: its input text, the key dedup and the split use, its label."""
+
+    trace: CollectedTrace
+    text: str
+    key: str
+    label: str
+    source: str
+    tools: list[dict[str, Any]] | None
+
+
+def _row(
+    task: Task, trace: CollectedTrace, lab: Labeled, sanitizer: Sanitizer, found: dict[str, int]
+) -> _Row:
+    # Input and label are one row to the sanitizer: a value copied from input to answer gets the
+    # same placeholder in both.
+    if task.form == "chat":
+        request = ChatInput.of(trace)
+        assert request is not None  # traces without messages were dropped as "no input"
+        clean = sanitizer.clean({"input": request.model_dump(exclude_none=True), "label": lab.label}, found)
+        scrubbed = ChatInput.model_validate(clean["input"])
+        text, key, tools = scrubbed.to_text(), scrubbed.content(), scrubbed.tools
+    else:
+        clean = sanitizer.clean({"input": trace.input or "", "label": lab.label}, found)
+        text = key = clean["input"]
+        tools = trace.tools or task.tools or None
+    return _Row(trace=trace, text=text, key=key, label=clean["label"], source=lab.source, tools=tools)
+
+
 def _teacher(task: Task, trace: CollectedTrace, tools: list[dict[str, Any]] | None) -> str | None:
-    if trace.route != "remote" or trace.output is None or trace.status >= 400:
+    if trace.route != "remote" or trace.status >= 400:
         return None
-    return canonical(task, trace.output, tools)
+    answer = given_answer(trace)
+    return None if isinstance(answer, Unusable) else canonical(task, answer, tools)
 
 
 def _hash(examples: list[Example]) -> str:

@@ -1,11 +1,17 @@
-"""Task discovery: cluster collected traces by what they ask, propose a task for each big cluster.
+"""Task discovery: group collected traces by template, then by content; propose a task per big group.
 
-Inputs are embedded with the int8 sentence encoder and clustered (average linkage over cosine
-distance, deterministic). Each cluster is split by the shape of its answers (JSON object, tool
-call, text), since one task has one output contract even when inputs look alike. Clusters with
-at least ``min_size`` traces become proposals: a name, a kind and output contract inferred from
-the answers (a trace's correction wins over what the model said), instructions and few-shot
-examples, ready to be written as a task TOML file.
+Agent calls are grouped by their template signature first (``train.templates``): one agent step
+is one group whatever each call asks, and becomes a chat-shaped proposal that keeps the agent's
+own request as its input, with the signature, a centroid and a match threshold the device matches
+new calls with. Planning requests are never proposed. Traces without a usable template (task-API
+calls, bare questions) are embedded with the int8 sentence encoder and clustered (average linkage
+over cosine distance, deterministic), each cluster split by the shape of its answers, since one
+task has one output contract; they become task-shaped proposals with instructions.
+
+Groups with at least ``min_size`` traces become proposals: a name, a kind and output contract
+inferred from the answers (a trace's correction wins over what the model said) and few-shot
+examples, ready to be written as a task TOML file; accepting one also tags its traces on the
+collector (``collector.tags``) so ``train dataset`` finds them at once.
 """
 
 from __future__ import annotations
@@ -17,12 +23,15 @@ from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
 
 from slm_agent.atomic import write_atomic
+from slm_agent.collector.tags import write_tags
+from slm_agent.contracts.centroids import MATCH_MAX_TOKENS
+from slm_agent.contracts.signature import message_text, request_content
 from slm_agent.contracts.tasks import TASK_NAME_RE, Example, parse_task
 from slm_agent.errors import BadRequestError, ConflictError
 from slm_agent.models.encoder import Encoder
@@ -42,6 +51,14 @@ from slm_agent.train.contract import (
 )
 from slm_agent.train.names import TaskNames
 from slm_agent.train.task_toml import task_toml
+from slm_agent.train.templates import (
+    TemplateGroup,
+    chat_contract,
+    group_by_template,
+    is_planning,
+    placement,
+    split_by_answers,
+)
 
 DEFAULT_MIN_SIZE = 5
 # Average-linkage cosine distance: clusters merge while their members are, on average, more alike
@@ -55,14 +72,20 @@ MAX_CLUSTER_POINTS = 2000
 
 
 class TaskProposal(BaseModel):
-    """A task suggested by one cluster of traces, with its inferred output contract."""
+    """A task suggested by one group of traces, with its inferred output contract."""
 
-    cluster: int = Field(description="Cluster id: clusters are numbered by size, largest first.")
+    cluster: int = Field(description="Group id: groups are numbered by size, largest first.")
     size: int
     share: float = Field(description="Fraction of the traces with an input that fell in this cluster.")
     name: str = Field(description="Suggested task name: unique among proposals, valid as a task name.")
     existing_task: str | None = Field(None, description="The task most of these traces already carry.")
     keywords: list[str] = Field(default_factory=list, description="Words distinctive of this cluster.")
+    form: Literal["task", "chat"] = Field(
+        "task", description="chat: one agent step, served in the agent's own request form."
+    )
+    signature: str | None = Field(None, description="chat: the template signature all its calls share.")
+    centroid: list[float] | None = Field(None, description="chat: mean embedding of its calls' content.")
+    match_threshold: float | None = Field(None, description="chat: cosine to the centroid that matches.")
     kind: Kind
     output_schema: dict[str, Any] | None = None
     labels: list[str] = Field(default_factory=list)
@@ -83,7 +106,9 @@ class DiscoveryReport(BaseModel):
     data: str | None = Field(None, description="Where the traces were read from.")
     encoder: str
     traces: int = Field(description="Traces read.")
-    with_input: int = Field(description="Traces with an input text: the ones clustered.")
+    with_input: int = Field(description="Traces with an input text: the ones grouped.")
+    planning: int = Field(0, description="Planning requests among them: left to the remote, never proposed.")
+    templates: int = Field(0, description="Groups formed by template signature (chat-shaped).")
     clusters: int
     covered: int = Field(description="Traces in the proposed clusters.")
     min_size: int
@@ -103,27 +128,43 @@ def discover(
     data: str | None = None,
     on_progress: ProgressFn | None = None,
 ) -> DiscoveryReport:
-    """Cluster ``traces`` by input and propose a task for every cluster of ``min_size`` or more."""
+    """Group ``traces`` by template, then content, and propose a task for every group of ``min_size``
+    or more (planning requests excepted)."""
     started = time.monotonic()
-    encoder = encoder or Encoder(ensure_encoder())
+    # Embedded as the device embeds a call when it matches one: the same encoder, the same token cap.
+    encoder = encoder or Encoder(ensure_encoder(), max_length=MATCH_MAX_TOKENS)
     usable = [t for t in traces if t.input and t.input.strip()]
-    inputs = [t.input or "" for t in usable]
+    # A chat call is embedded as the device embeds it when matching: its request content.
+    inputs = [request_content(t.messages) if t.messages else t.input or "" for t in usable]
     vectors = _embed(encoder, inputs, on_progress)
     answers = [answer_of(t) for t in usable]
-    groups = _split_by_shape(_cluster(vectors, threshold), [answer_shape(a) for a in answers])
-    names = TaskNames(inputs, answers)
+    shapes = [answer_shape(a) for a in answers]
+    planning = {i for i, t in enumerate(usable) if is_planning(t)}
+    candidates = [i for i in range(len(usable)) if i not in planning]
+    by_template, rest = group_by_template(usable, candidates, answers, min_size)
+    groups: list[TemplateGroup | list[int]] = []
+    for group in by_template:
+        groups.extend(split_by_answers(group, shapes, vectors, lambda v: _cluster(v, threshold), min_size))
+    if rest:
+        content = _split_by_shape(_cluster(vectors[rest], threshold), [shapes[i] for i in rest])
+        groups.extend([rest[j] for j in part] for part in content)
+    groups.sort(key=lambda g: (-len(_members(g)), _members(g)[0]))
+    names = TaskNames([_naming_text(t, text) for t, text in zip(usable, inputs, strict=True)], answers)
     proposals = []
-    for cluster_id, members in enumerate(groups):
+    for cluster_id, group in enumerate(groups):
+        members = _members(group)
         if len(members) < min_size:
             break  # groups are sorted by size
-        proposals.append(
-            _propose(cluster_id, [usable[i] for i in members], vectors[members], len(usable), names, members)
-        )
+        found = [usable[i] for i in members]
+        proposal = _propose(cluster_id, found, vectors, len(usable), names, members, group)
+        proposals.append(proposal)
     return DiscoveryReport(
         data=data,
         encoder=encoder.manifest.name,
         traces=len(traces),
         with_input=len(usable),
+        planning=len(planning),
+        templates=sum(isinstance(g, TemplateGroup) for g in groups),
         clusters=len(groups),
         covered=sum(p.size for p in proposals),
         min_size=min_size,
@@ -131,6 +172,16 @@ def discover(
         seconds=round(time.monotonic() - started, 2),
         proposals=proposals,
     )
+
+
+def _members(group: TemplateGroup | list[int]) -> list[int]:
+    return group.members if isinstance(group, TemplateGroup) else group
+
+
+def _naming_text(trace: CollectedTrace, text: str) -> str:
+    # An agent step's system prompt says what the step is; its user messages vary.
+    system = [message_text(m) for m in trace.messages or [] if m.get("role") in ("system", "developer")]
+    return " ".join([*system, text])
 
 
 def _embed(encoder: Encoder, inputs: list[str], on_progress: ProgressFn | None) -> np.ndarray:
@@ -192,19 +243,33 @@ def _propose(
     total: int,
     names: TaskNames,
     members: list[int],
+    group: TemplateGroup | list[int],
 ) -> TaskProposal:
-    centroid = vectors.mean(axis=0)
+    """``vectors`` are every usable trace's; ``members`` index this group's among them."""
+    mine = vectors[members]
+    centroid = mine.mean(axis=0)
     centroid /= max(float(np.linalg.norm(centroid)), 1e-12)
-    central = [traces[i] for i in np.argsort(-(vectors @ centroid), kind="stable")]
+    central = [traces[i] for i in np.argsort(-(mine @ centroid), kind="stable")]
     answers = [(t, a) for t in central if (a := answer_of(t)) is not None]
-    kind, schema, labels = infer_contract([a for _, a in answers])
+    given = [a for _, a in answers]
+    chat: dict[str, Any] = {}
+    if isinstance(group, TemplateGroup):
+        kind, schema, labels = chat_contract(traces, given, [answer_shape(a) for a in given])
+        center, threshold = placement(vectors, members)
+        chat = {
+            "form": "chat",
+            "signature": group.signature,
+            "centroid": center,
+            "match_threshold": threshold,
+        }
+    else:
+        kind, schema, labels = infer_contract(given)
     task_counts = Counter(t.task for t in traces if t.task)
     existing = None
     if task_counts and task_counts.most_common(1)[0][1] * 2 > len(traces):
         existing = task_counts.most_common(1)[0][0]
     name, keywords = names.suggest(members, existing)
-    tools = infer_tools(traces, [a for _, a in answers]) if kind == "tool_call" else []
-    examples = _few_shot(kind, answers, labels)
+    tools = infer_tools(traces, given) if kind == "tool_call" else []
     share = len(traces) / total if total else 0.0
     example_inputs = list(dict.fromkeys(t.input or "" for t in central))[:MAX_EXAMPLE_INPUTS]
     return TaskProposal(
@@ -214,6 +279,7 @@ def _propose(
         name=name,
         existing_task=existing,
         keywords=keywords,
+        **chat,
         kind=kind,
         output_schema=schema,
         labels=labels,
@@ -223,11 +289,11 @@ def _propose(
         instructions=instructions(kind, schema, labels, tools),
         input_label="Request" if kind == "tool_call" else "Input",
         output_label="Call" if kind == "tool_call" else "Output",
-        max_tokens=_max_tokens([answer_text(a) for _, a in answers]),
+        max_tokens=_max_tokens([answer_text(a) for a in given]),
         answered=len(answers),
         corrected=sum(1 for t, _ in answers if t.correction),
         example_inputs=example_inputs,
-        examples=examples,
+        examples=_few_shot(kind, answers, labels),
         trace_ids=[t.id for t in traces],
     )
 
@@ -269,6 +335,24 @@ def _clip(text: str, width: int) -> str:
 
 # -- task files ------------------------------------------------------------------------------------
 def _task_data(proposal: TaskProposal, name: str) -> dict[str, Any]:
+    if proposal.form == "chat":
+        # The agent's own request is the prompt: no instructions or labels of an input. No routing
+        # either: a chat-shaped task is proxied until its adapter is promoted (its state decides).
+        return {
+            "name": name,
+            "description": proposal.description,
+            "form": "chat",
+            "kind": proposal.kind,
+            "signature": proposal.signature,
+            "match_threshold": proposal.match_threshold,
+            "output_schema": proposal.output_schema or None,
+            "labels": proposal.labels or None,
+            "tools": proposal.tools or None,
+            "centroid": proposal.centroid,
+            "sampling": {"temperature": 0.0, "max_tokens": proposal.max_tokens},
+            # For a reviewer: what a call asks and what the remote answered.
+            "examples": [e.model_dump(exclude_none=True, exclude={"tools"}) for e in proposal.examples],
+        }
     return {
         "name": name,
         "description": proposal.description,
@@ -288,17 +372,32 @@ def _task_data(proposal: TaskProposal, name: str) -> dict[str, Any]:
 def proposal_to_task_toml(proposal: TaskProposal, name: str | None = None) -> str:
     """A task file for ``slm-agent tasks add``; checked to load back as the same task."""
     name = name or proposal.name
-    header = (
-        f"# Proposed by `slm-agent train discover` from {proposal.size} traces "
-        f"({proposal.share:.0%} of traffic, cluster {proposal.cluster}). Review before serving it.\n"
-    )
+    if proposal.form == "chat":
+        header = (
+            f"# Proposed by `slm-agent train discover` from {proposal.size} calls of one agent step "
+            f"({proposal.share:.0%} of traffic, group {proposal.cluster}). Its input is the agent's own "
+            "request, its label the remote's answer;\n# the examples are for review. Review before serving it.\n"
+        )
+    else:
+        header = (
+            f"# Proposed by `slm-agent train discover` from {proposal.size} traces "
+            f"({proposal.share:.0%} of traffic, cluster {proposal.cluster}). Review before serving it.\n"
+        )
     text = header + task_toml(_task_data(proposal, name))
     parse_task(tomllib.loads(text), f"{name}.toml")  # raises BadRequestError on an invalid name
     return text
 
 
-def accept(proposal: TaskProposal, tasks_dir: Path, name: str | None = None, replace: bool = False) -> Path:
-    """Write the proposal as ``<tasks_dir>/<name>.toml``; the daemon serves it after a restart."""
+def accept(
+    proposal: TaskProposal,
+    tasks_dir: Path,
+    name: str | None = None,
+    replace: bool = False,
+    *,
+    data: str | None = None,
+) -> Path:
+    """Write the proposal as ``<tasks_dir>/<name>.toml`` and, with ``data`` (the collector's
+    traces), tag the traces it covers for the task so ``train dataset`` finds them at once."""
     name = name or proposal.name
     if not TASK_NAME_RE.match(name):
         raise BadRequestError(
@@ -308,4 +407,6 @@ def accept(proposal: TaskProposal, tasks_dir: Path, name: str | None = None, rep
     if target.exists() and not replace:
         raise ConflictError(f"task file {target} already exists; pick another --name or pass --replace")
     write_atomic(target, proposal_to_task_toml(proposal, name).encode())
+    if data is not None:
+        write_tags(data, name, proposal.trace_ids, signature=proposal.signature)
     return target

@@ -11,6 +11,7 @@ from rich.table import Table
 from slm_agent.collector.settings import CollectorSettings
 from slm_agent.commands import Command, json_option, print_json
 from slm_agent.console import console
+from slm_agent.contracts.centroids import MATCH_MAX_TOKENS
 from slm_agent.errors import BadRequestError
 from slm_agent.models.encoder import Encoder
 from slm_agent.progress import rich_progress
@@ -27,7 +28,7 @@ from slm_agent.train.discover import (
 from slm_agent.train.discover import discover as discover_traces
 from slm_agent.train.report import markdown_table, write_report
 
-_COLUMNS = ["#", "name", "kind", "traces", "share", "contract", "example"]
+_COLUMNS = ["#", "name", "kind", "traces", "share", "contract", "form", "example"]
 
 
 def contract(proposal: TaskProposal) -> str:
@@ -45,7 +46,7 @@ def _cells(p: TaskProposal, *, existing: str, width: int) -> list[Any]:
     """One proposal's row under ``_COLUMNS``; the example input is cut to ``width`` characters."""
     name = p.name + (f" ({existing})" if p.existing_task == p.name else "")
     example = p.example_inputs[0] if p.example_inputs else ""
-    return [p.cluster, name, p.kind, p.size, f"{p.share:.0%}", contract(p), example[:width]]
+    return [p.cluster, name, p.kind, p.size, f"{p.share:.0%}", contract(p), p.form, example[:width]]
 
 
 def _flat(text: str) -> str:
@@ -61,15 +62,24 @@ def report_markdown(report: DiscoveryReport) -> str:
     lines = [
         "# Task discovery",
         "",
-        f"{report.traces} traces read from `{report.data or '?'}`, {report.with_input} with an input, "
-        f"in {report.clusters} clusters (threshold {report.threshold}); {len(report.proposals)} clusters "
-        f"of at least {report.min_size} traces cover {report.covered} of them. Encoder: {report.encoder}, "
-        f"{report.seconds:.1f}s.",
+        f"{report.traces} traces read from `{report.data or '?'}`, {report.with_input} with an input "
+        f"({report.planning} planning requests, never proposed), in {report.clusters} groups "
+        f"({report.templates} by template signature, the rest by content at threshold {report.threshold}); "
+        f"{len(report.proposals)} groups of at least {report.min_size} traces cover {report.covered} of "
+        f"them. Encoder: {report.encoder}, {report.seconds:.1f}s.",
         "",
         markdown_table(_COLUMNS, rows).rstrip("\n"),
     ]
     for p in report.proposals:
-        lines += ["", f"## {p.cluster}. {p.name}", "", p.instructions, ""]
+        lines += ["", f"## {p.cluster}. {p.name}", ""]
+        if p.form == "chat":
+            lines += [
+                f"One agent step, served in the agent's own request form: signature "
+                f"`{p.signature or 'none (matched by content)'}`, match threshold {p.match_threshold}.",
+                "",
+            ]
+        else:
+            lines += [p.instructions, ""]
         if p.keywords:
             lines += [f"Distinctive words: {', '.join(p.keywords)}.", ""]
         lines += [f"- `{_code(e.input)}` → `{_code(e.output)}`" for e in p.examples]
@@ -128,7 +138,11 @@ def discover(
     replace: bool,
     as_json: bool,
 ) -> None:
-    """Cluster collected traces by what they ask and propose a task for each big cluster.
+    """Group collected traces by template, then content, and propose a task for each big group.
+
+    Calls of one agent step (same system prompt, tools, response format) become one chat-shaped
+    task; planning requests are never proposed. Accepting a proposal writes its task file and tags
+    the traces it covers, so `train dataset NAME` can build its dataset at once.
 
     \b
     Example usage:
@@ -144,7 +158,7 @@ def discover(
     if encoder_dir is None:
         with rich_progress("building the sentence encoder (first use)", unit="items") as progress:
             encoder_dir = ensure_encoder(on_progress=progress)
-    encoder = Encoder(encoder_dir)
+    encoder = Encoder(encoder_dir, max_length=MATCH_MAX_TOKENS)  # as the device embeds when matching
     with rich_progress(f"embedding {len(traces)} traces", unit="items") as progress:
         report = discover_traces(
             traces,
@@ -159,7 +173,7 @@ def discover(
         if chosen is None:
             valid = ", ".join(str(p.cluster) for p in report.proposals) or "none"
             raise BadRequestError(f"there is no proposal {accept_id}; proposals: {valid}", param="accept")
-        accepted = accept(chosen, load_settings().tasks_dir, name=name, replace=replace)
+        accepted = accept(chosen, load_settings().tasks_dir, name=name, replace=replace, data=data)
     written = write_report(out, "discover", report, report_markdown(report)) if out is not None else None
     if as_json:
         print_json(
@@ -170,7 +184,10 @@ def discover(
     if written:
         console().print(f"wrote {written[0]} and {written[1]}")
     if accepted:
-        console().print(f"accepted as [bold]{accepted.stem}[/] ({accepted}); restart the daemon to serve it")
+        console().print(
+            f"accepted as [bold]{accepted.stem}[/] ({accepted}); tagged its traces: "
+            f"`slm-agent train dataset {accepted.stem}` builds its dataset"
+        )
 
 
 def _print(report: DiscoveryReport) -> None:
@@ -179,6 +196,7 @@ def _print(report: DiscoveryReport) -> None:
         table.add_row(*(str(c) for c in _cells(p, existing="existing", width=60)))
     console().print(table)
     console().print(
-        f"{report.traces} traces, {report.with_input} with input, {report.clusters} clusters; "
+        f"{report.traces} traces, {report.with_input} with input ({report.planning} planning), "
+        f"{report.clusters} groups ({report.templates} by template); "
         f"{len(report.proposals)} proposals cover {report.covered} traces ({report.seconds:.1f}s)"
     )

@@ -3,7 +3,8 @@
 Candidates: the base model, each trained adapter, the currently published adapter, every other
 base model in the store (SLM selection: the smallest that meets the bar), and the remote
 teacher's own answers where calls were escalated. Each local candidate goes through the daemon's
-engine with the task's prompt, stop strings and grammar, so the numbers are what a device sees.
+engine with the task's prompt, stop strings and grammar, so the numbers are what a device sees;
+a chat-shaped task's prompt is the agent's own request (``train.chat.example_prompt``).
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from slm_agent.contracts.prompts import task_prompt
+from slm_agent.contracts.scoring import score_example
 from slm_agent.contracts.tasks import Task
 from slm_agent.models.manifest import PromptFormat
 from slm_agent.runtime.engine import Engine, EngineConfig, GenerationRequest
 from slm_agent.runtime.engine.grammars import task_grammar
+from slm_agent.train.chat import example_prompt
 from slm_agent.train.dataset import Example
-from slm_agent.train.metrics import TaskMetrics, aggregate, score_example
+from slm_agent.train.metrics import TaskMetrics, aggregate
 from slm_agent.train.report import markdown_table, plot_metrics
 
 CandidateKind = Literal["base", "adapter", "published", "other_base", "remote"]
@@ -93,7 +95,7 @@ def run_candidates(
                 scores, latencies = [], []
                 for example in test:
                     fmt = task.prompt_format or cand.prompt_format or PromptFormat()
-                    prefix, body, stop = task_prompt(task, example.input, example.tools, fmt)
+                    prefix, body, stop = example_prompt(task, example.input, example.tools, fmt)
                     grammar = task_grammar(task, example.tools)
                     req = engine.prepare(
                         GenerationRequest(

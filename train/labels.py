@@ -1,9 +1,11 @@
 """Which answer a trace teaches, and in which exact form.
 
-Priority: a user's correction > the remote LLM's answer on an escalated call > a local answer a
-user rated good. Errors, answers that break the task's contract and answers rated bad teach
-nothing. A label is written in the one form the daemon's grammar lets the model emit (schema
-property order, ``json.dumps`` spacing), so the adapter never learns a form it can't produce.
+Priority: a user's correction > the remote LLM's answer on an escalated or proxied call > a local
+answer a user rated good. An answer is the trace's output, else its tool call (what a remote that
+calls a tool returns), else its text. Errors, answers that break the task's contract and answers
+rated bad teach nothing. A label is written in the one form the daemon's grammar lets the model
+emit (schema property order, ``json.dumps`` spacing), so the adapter never learns a form it
+can't produce.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pydantic import BaseModel
 from slm_agent.contracts.schemas import schema_error
 from slm_agent.contracts.tasks import Task
 from slm_agent.train.collected import CollectedTrace
+from slm_agent.train.contract import tool_call_answer
 
 Source = Literal["correction", "remote", "local_positive"]
 SOURCES: tuple[Source, ...] = ("correction", "remote", "local_positive")
@@ -83,6 +86,18 @@ def canonical(task: Task, answer: Any, tools: list[dict[str, Any]] | None = None
     return json.dumps({"name": name, "arguments": _ordered(arguments, params)}, ensure_ascii=False)
 
 
+def given_answer(trace: CollectedTrace) -> Any:
+    """The answer the trace recorded (output, tool call or text), or why there is none to use."""
+    if trace.output is not None:
+        return trace.output
+    if trace.tool_calls:
+        if len(trace.tool_calls) > 1:
+            return Unusable(reason="several tool calls")  # the daemon's grammar writes one call
+        call = tool_call_answer(trace.tool_calls)
+        return call if call is not None else Unusable(reason="invalid output")
+    return trace.response if trace.response is not None else Unusable(reason="no answer")
+
+
 def label_trace(task: Task, trace: CollectedTrace) -> Labeled | Unusable:
     tools = trace.tools or task.tools or None
     correction = trace.correction
@@ -93,9 +108,9 @@ def label_trace(task: Task, trace: CollectedTrace) -> Labeled | Unusable:
         return Unusable(reason="negative feedback")
     if trace.status >= 400 or trace.error:
         return Unusable(reason="error")
-    answer = trace.output if trace.output is not None else trace.response
-    if answer is None:
-        return Unusable(reason="no answer")
+    answer = given_answer(trace)
+    if isinstance(answer, Unusable):
+        return answer
     label = canonical(task, answer, tools)
     if label is None:
         return Unusable(reason="invalid output")

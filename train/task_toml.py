@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import math
 import re
+import tomllib
+from pathlib import Path
 from typing import Any
 
+from slm_agent.contracts.tasks import Task
 from slm_agent.errors import BadRequestError
 
 _TABLES = frozenset({"sampling"})
@@ -73,3 +76,19 @@ def _toml_value(value: Any) -> str:
         items = [f"{_toml_key(str(k))} = {_toml_value(v)}" for k, v in value.items() if v is not None]
         return "{ " + ", ".join(items) + " }" if items else "{}"
     raise BadRequestError(f"cannot write {type(value).__name__} to a task file")
+
+
+def shipped_task_file(task: Task) -> str:
+    """The task file that travels with a published adapter: the definition as the training box
+    has it, without an adapter pin (the device binds the adapter it pulls)."""
+    path = Path(task.source)
+    if path.is_file():
+        data = tomllib.loads(path.read_text())
+        data.setdefault("name", task.name)
+    else:
+        data = task.model_dump(mode="json", exclude={"source"}, exclude_defaults=True, exclude_none=True)
+        data["name"] = task.name
+    data.pop("adapter", None)
+    data.pop("adapter_scale", None)
+    header = f"# Task {task.name!r}, shipped with its adapter by the training box (slm-agent sync pull).\n"
+    return header + task_toml(data)

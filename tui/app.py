@@ -12,6 +12,7 @@ from textual.screen import Screen
 from textual.signal import Signal
 
 from slm_agent.tui.screens.dashboard import DashboardScreen
+from slm_agent.tui.screens.report import ReportScreen
 from slm_agent.tui.screens.runs import RunsScreen
 from slm_agent.tui.screens.tasks import TasksScreen
 from slm_agent.tui.screens.traces import TracesScreen
@@ -25,13 +26,22 @@ LIVE_GROUP = "live"  # the worker group of the event pump, which runs until the 
 class MonitorApp(App[None]):
     CSS_PATH = "app.tcss"
     TITLE = "slm-agent"
-    MODES = {"dashboard": DashboardScreen, "traces": TracesScreen, "tasks": TasksScreen, "runs": RunsScreen}
+    MODES = {
+        "dashboard": DashboardScreen,
+        "traces": TracesScreen,
+        "tasks": TasksScreen,
+        "runs": RunsScreen,
+        "report": ReportScreen,
+    }
     DEFAULT_MODE = "dashboard"
     BINDINGS = [
         Binding("d", "switch_mode('dashboard')", "Dashboard", tooltip="Rates, latency, routes, savings"),
         Binding("t", "switch_mode('traces')", "Traces", tooltip="Recent requests, filter and inspect"),
         Binding("m", "switch_mode('tasks')", "Tasks/models", tooltip="Routing policies and adapters"),
         Binding("r", "switch_mode('runs')", "Runs", tooltip="Agent runs and their steps"),
+        Binding(
+            "c", "switch_mode('report')", "Conversion", tooltip="Calls answered locally, agreement, savings"
+        ),
         Binding("q", "quit", "Quit"),
     ]
 
@@ -70,6 +80,7 @@ class MonitorApp(App[None]):
             ("traces", "Traces", "Recent requests with filters and detail"),
             ("tasks", "Tasks and models", "Routing policies, traffic, adapters"),
             ("runs", "Agent runs", "Runs and their step spans"),
+            ("report", "Conversion report", "Share answered locally, agreement, latency, savings"),
         ):
             yield SystemCommand(f"Go to {title}", help_text, lambda m=mode: self.switch_mode(m))
         for window, label in (("5m", "5 minutes"), ("1h", "1 hour"), ("24h", "24 hours")):

@@ -46,7 +46,7 @@ def tui(url: str, token: str | None, db: Path | None, remote_price: float) -> No
         slm-agent tui --db ~/.local/share/slm-agent/traces.db   # read-only, no daemon
 
     \b
-    Keys: d dashboard · t traces · m tasks/models · r runs · ctrl+p commands · q quit
+    Keys: d dashboard · t traces · m tasks/models · r runs · c conversion report · ctrl+p commands · q quit
     """
     # Textual loads only when the app runs, so `slm-agent tui --help` stays fast.
     from slm_agent.tui.app import create_app

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from slm_agent.contracts.records import Feedback
 from slm_agent.errors import SlmAgentError
+from slm_agent.runtime.report import ConversionReport, Price, build_report, parse_since
 from slm_agent.runtime.store import queries as mon
 from slm_agent.runtime.store.events import SSE_HEARTBEAT_S
 from slm_agent.runtime.store.queries import RunDetail, RunSummary, Stats, TraceDetail, TraceFilter, TracePage
@@ -95,6 +96,10 @@ class Source(ABC):
     async def run(self, run_id: str) -> RunDetail: ...
 
     @abstractmethod
+    async def report(self, since: str | None = None) -> ConversionReport:
+        """The conversion report since an ISO date or a duration (7d); None: since the first trace."""
+
+    @abstractmethod
     async def tasks(self) -> list[TaskInfo]: ...
 
     @abstractmethod
@@ -165,6 +170,24 @@ class DbSource(Source):
 
     async def run(self, run_id: str) -> RunDetail:
         return await self._run(mon.query_run, run_id)  # type: ignore[no-any-return]
+
+    async def report(self, since: str | None = None) -> ConversionReport:
+        now = self.clock()
+        # --remote-price left at its default is the daemon's default price, and says so.
+        given = self.price_per_mtok != mon.DEFAULT_PRICE_PER_MTOK
+        price = Price(
+            input_per_mtok=self.price_per_mtok,
+            output_per_mtok=self.price_per_mtok,
+            source="settings" if given else "default",
+        )
+        return await asyncio.to_thread(
+            lambda: build_report(
+                self.db.conn,
+                since=parse_since(since, now) if since else None,
+                until=now,
+                fallback_price=price,
+            )
+        )
 
     async def tasks(self) -> list[TaskInfo]:
         """Without a daemon, the tasks are those seen in traces, with their latest adapter."""
@@ -262,6 +285,12 @@ class DaemonSource(Source):
 
     async def run(self, run_id: str) -> RunDetail:
         return RunDetail.model_validate(await self._request("GET", f"/v1/runs/{run_id}"))
+
+    async def report(self, since: str | None = None) -> ConversionReport:
+        params = {"since": since} if since else {}
+        if self.end is not None:
+            params["until"] = self.end.isoformat()
+        return ConversionReport.model_validate(await self._request("GET", "/v1/report", params=params))
 
     async def tasks(self) -> list[TaskInfo]:
         data = await self._request("GET", "/v1/admin/tasks")

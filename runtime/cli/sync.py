@@ -99,9 +99,12 @@ def pull_cmd(source: str | None, no_load: bool) -> None:
         settings.model,
         daemon_url=None if no_load else f"http://{host}:{settings.port}",
         daemon_token=token,
+        tasks_dir=settings.tasks_dir,
     )
     for name in result.installed:
         click.echo(f"installed {name}")
+    for name in result.tasks_installed:
+        click.echo(f"installed task {name}")
     for name in result.unchanged:
         click.echo(f"up to date {name}")
     for name, why in result.rejected.items():

@@ -13,6 +13,7 @@ import math
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,9 @@ log = logging.getLogger(__name__)
 
 # A prefix shorter than this is cheaper to recompute than to snapshot (~10 MB a state).
 _MIN_SAVED_PREFIX = 48
+# A background request evaluates its prompt this many tokens at a time, checking for cancellation
+# in between: a live request waits at most one chunk (1-2 decode steps here) behind shadow work.
+_BACKGROUND_PREFILL_STEP = 8
 
 
 class Engine:
@@ -65,7 +69,9 @@ class Engine:
         self._prefixes = PrefixCache(config.prefix_cache_size)
         self._ewma_request_s = 1.0
         self._tokenized: dict[str, list[int]] = {}
-        self._last_finished = float("-inf")
+        self._last_finished = float("-inf")  # of a live request: background work is not serving
+        self._submit_listeners: list[Callable[[GenerationRequest], None]] = []
+        self._background_slot: tuple[str, prefix_cache.PrefixState] | None = None  # (adapter key, state)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def load(self) -> None:
@@ -100,6 +106,17 @@ class Engine:
     @property
     def queue_depth(self) -> int:
         return self._queue.qsize() + (1 if self._busy else 0)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued or running, live or background."""
+        return self.queue_depth == 0
+
+    def on_submit(self, listener: Callable[[GenerationRequest], None]) -> Callable[[], None]:
+        """Call ``listener(req)`` on the submitting thread whenever a live request is queued (the
+        shadow worker cancels its background job then); returns the call that unregisters it."""
+        self._submit_listeners.append(listener)
+        return lambda: self._submit_listeners.remove(listener)
 
     def serving(self, within_s: float = 2.0) -> bool:
         """True while requests run or wait, or one finished in the last ``within_s`` seconds."""
@@ -149,6 +166,8 @@ class Engine:
             self._apply_adapter(None, 1.0)
         adapter = self.adapters.pop(name)
         self._prefixes.drop_adapter(f"{name}@")
+        if self._background_slot is not None and self._background_slot[0].startswith(f"{name}@"):
+            self._background_slot = None
         llama_cpp.llama_adapter_lora_free(adapter.handle)
 
     def _apply_adapter(self, name: str | None, scale: float) -> None:
@@ -217,6 +236,12 @@ class Engine:
                 f"the engine queue is full ({self.config.queue_size} waiting); retry in {retry}s",
                 retry_after_s=retry,
             ) from None
+        if not req.background:
+            for listener in self._submit_listeners:
+                try:
+                    listener(req)
+                except Exception:  # a listener's failure must never fail a live request
+                    log.exception("engine submit listener failed")
         return future
 
     def generate(self, req: GenerationRequest) -> GenerationResult:
@@ -241,21 +266,18 @@ class Engine:
                 future.set_exception(exc)
             finally:
                 self._busy = False
-                self._last_finished = time.monotonic()
+                if not req.background:
+                    self._last_finished = time.monotonic()
 
     def _adapter_key(self) -> str:
         name, scale = self._current_adapter
         return f"{name}@{scale}" if name else ""
 
-    def _ensure_prefix(self, prefix: list[int]) -> int:
-        """Make the context hold ``prefix``; returns how many prompt tokens were reused."""
+    def _ensure_prefix(self, prefix: list[int], cancel: threading.Event | None = None) -> int | None:
+        """Make the context hold ``prefix``; returns how many prompt tokens were reused, or None
+        when ``cancel`` (a background request's) was set while the prefix was being computed."""
         llm = self._llm
-        held = llm._input_ids
-        common = 0
-        for a, b in zip(held, prefix, strict=False):
-            if a != b:
-                break
-            common += 1
+        common = _common_prefix(llm._input_ids, prefix)
         if common >= len(prefix):
             self.stats.prefix_hits_kv += 1
             return len(prefix)
@@ -266,12 +288,43 @@ class Engine:
             self.stats.prefix_hits_state += 1
             return len(prefix)
         self.stats.prefix_misses += 1
+        if cancel is not None:
+            return self._background_prefix(prefix, common, cancel)
         if len(prefix) >= _MIN_SAVED_PREFIX and self._prefixes.capacity:
-            llm.n_tokens = common
-            llm.eval(prefix[common:])
+            self._evaluate(prefix, common, None)
             self._prefixes.put(self._adapter_key(), prefix_cache.save(llm))
-            return common
         return common
+
+    def _background_prefix(self, prefix: list[int], common: int, cancel: threading.Event) -> int | None:
+        """Background work keeps its own snapshot (one slot, partial ones included): a job a live
+        request interrupted resumes where it stopped, and never evicts a live prefix's state."""
+        llm, key = self._llm, self._adapter_key()
+        slot = self._background_slot
+        held = slot[1].tokens if slot is not None and slot[0] == key else ()
+        if slot is not None and common < len(held) <= len(prefix) and tuple(prefix[: len(held)]) == held:
+            prefix_cache.restore(llm, slot[1])
+            common = len(held)
+        done = self._evaluate(prefix, common, cancel)
+        if llm.n_tokens >= _MIN_SAVED_PREFIX and llm.n_tokens > common:
+            self._background_slot = (key, prefix_cache.save(llm))
+        return common if done else None
+
+    def _evaluate(self, tokens: list[int], start: int, cancel: threading.Event | None) -> bool:
+        """Evaluate ``tokens[start:]`` after the ``start`` the context holds. With ``cancel`` (a
+        background request) in chunks, checking it in between: False when it was set."""
+        llm = self._llm
+        llm.n_tokens = start
+        step = _BACKGROUND_PREFILL_STEP if cancel is not None else max(1, len(tokens) - start)
+        for at in range(start, len(tokens), step):
+            if cancel is not None and cancel.is_set():
+                return False
+            llm.eval(tokens[at : at + step])
+        return True
+
+    def _prefill(self, tokens: list[int], cancel: threading.Event) -> bool:
+        """Evaluate what of ``tokens`` the context does not hold yet, interruptibly."""
+        common = _common_prefix(self._llm._input_ids, tokens)
+        return common >= len(tokens) or self._evaluate(tokens, common, cancel)
 
     def _run(self, req: GenerationRequest) -> GenerationResult:
         llm = self._llm
@@ -284,8 +337,14 @@ class Engine:
                 f"the request waited {queue_ms:.0f} ms in the queue past its deadline"
             )
         self._apply_adapter(req.adapter, req.adapter_scale)
-        cached = self._ensure_prefix(req.prefix_tokens)
+        # A background request computes its prompt in chunks a live submission can interrupt;
+        # ``generate`` then finds it all in the KV cache and samples at once.
+        cancel = req.cancel if req.background else None
+        cached = self._ensure_prefix(req.prefix_tokens, cancel)
         tokens = req.prefix_tokens + req.body_tokens
+        if cached is None or (cancel is not None and not self._prefill(tokens, cancel)):
+            self.stats.cancelled += 1
+            return _cancelled(req, queue_ms)
         if req.seed is not None:
             llm.set_seed(req.seed)
         else:
@@ -367,6 +426,16 @@ class Engine:
     @property
     def prefix_cache(self) -> PrefixCache:
         return self._prefixes
+
+
+def _common_prefix(held: Any, tokens: list[int]) -> int:
+    """How many leading tokens the context already holds."""
+    common = 0
+    for a, b in zip(held, tokens, strict=False):
+        if a != b:
+            break
+        common += 1
+    return common
 
 
 def _cancelled(req: GenerationRequest, queue_ms: float) -> GenerationResult:

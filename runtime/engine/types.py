@@ -37,6 +37,8 @@ class GenerationRequest:
     deadline: float | None = None  # time.monotonic() deadline
     cancel: threading.Event = field(default_factory=threading.Event)
     on_text: Callable[[str], None] | None = None
+    # Shadow work: runs only while no live request waits, and a live submission cancels it.
+    background: bool = False
     # Filled by Engine.prepare():
     prefix_tokens: list[int] = field(default_factory=list)
     body_tokens: list[int] = field(default_factory=list)

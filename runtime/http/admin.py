@@ -58,6 +58,7 @@ async def load_adapter(body: AdapterLoad, services: ReadyServices) -> JSONRespon
         )
     await asyncio.to_thread(services.engine.load_adapter, body.name, services.store.path_of(manifest))
     services.events.publish("adapter_load", {"adapter": body.name})
+    services.tasks.reload()  # `sync pull` may have just installed the task files it serves
     bound = [t for t in manifest.tasks if services.tasks.bind_adapter(t, body.name) is not None]
     return JSONResponse(
         {"name": body.name, "loaded": True, "tasks": bound, "adapters": sorted(services.engine.adapters)}

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 
 from slm_agent import __version__
 from slm_agent.runtime.config import Settings
-from slm_agent.runtime.http import admin, agents, errors, monitor, openai
+from slm_agent.runtime.http import admin, agents, errors, monitor, openai, promotion, report
 from slm_agent.runtime.http.guard import Guard
 from slm_agent.runtime.http.services import build_services, load_model, start_sync
 
@@ -29,15 +29,18 @@ def create_app(settings: Settings) -> FastAPI:
         loader = threading.Thread(target=load_model, args=(services,), name="model-loader", daemon=True)
         loader.start()
         sync_worker = start_sync(services)
+        services.shadow.start()
         yield
         # uvicorn has already waited for in-flight requests; finish what is queued, then close.
         await asyncio.to_thread(loader.join)
+        await asyncio.to_thread(services.shadow.stop)
         await asyncio.to_thread(services.engine.shutdown)
         if sync_worker:
             await asyncio.to_thread(sync_worker.stop)
         if services.remote is not None:
             await services.remote.aclose()
         services.runs.spans.close()
+        services.promoter.states.close()
         services.traces.close()
 
     app = FastAPI(title="slm-agentd", version=__version__, lifespan=lifespan)
@@ -47,6 +50,6 @@ def create_app(settings: Settings) -> FastAPI:
         token=settings.token.get_secret_value() if settings.token else None,
         max_request_bytes=settings.max_request_bytes,
     )
-    for module in (admin, openai, monitor, agents):
+    for module in (admin, openai, monitor, agents, report, promotion):
         app.include_router(module.router)
     return app

@@ -9,6 +9,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from slm_agent.runtime.engine import Engine
+from slm_agent.runtime.shadow.promoter import Promoter
+from slm_agent.runtime.shadow.records import STATE_NAMES
+from slm_agent.runtime.shadow.worker import ShadowWorker
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -38,8 +41,51 @@ class _EngineCollector(Collector):
         )
 
 
+class _ShadowCollector(Collector):
+    """Each task's state (1 on its current state), its shadow pairs and agreements, the worker's queue."""
+
+    def __init__(self, promoter: Promoter, worker: ShadowWorker | None) -> None:
+        self.promoter = promoter
+        self.worker = worker
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        states = GaugeMetricFamily(
+            "slm_task_state", "Task state: 1 on the state the task is in.", labels=["task", "state"]
+        )
+        coverage = GaugeMetricFamily(
+            "slm_gate_coverage", "Share of shadow pairs a live task's gate lets through.", labels=["task"]
+        )
+        for current in self.promoter.states.all_states():
+            for name in STATE_NAMES:
+                states.add_metric([current.task, name], float(current.state == name))
+            if current.gate is not None:
+                coverage.add_metric([current.task], current.gate.coverage)
+        yield states
+        yield coverage
+        pairs = CounterMetricFamily(
+            "slm_shadow_pairs", "Judged shadow pairs (local vs remote).", labels=["task"]
+        )
+        agreements = CounterMetricFamily(
+            "slm_shadow_agreements", "Shadow pairs where the local answer agreed.", labels=["task"]
+        )
+        for task, (n, agreed) in self.promoter.states.pair_totals().items():
+            pairs.add_metric([task], n)
+            agreements.add_metric([task], agreed)
+        yield pairs
+        yield agreements
+        if self.worker is not None:
+            yield GaugeMetricFamily("slm_shadow_queue_depth", "Shadow jobs waiting.", self.worker.pending)
+            jobs = CounterMetricFamily("slm_shadow_jobs", "Shadow jobs by outcome.", labels=["outcome"])
+            counters = self.worker.counters
+            for outcome in ("submitted", "completed", "failed", "preempted", "dropped"):
+                jobs.add_metric([outcome], getattr(counters, outcome))
+            yield jobs
+
+
 class Metrics:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(
+        self, engine: Engine, promoter: Promoter | None = None, shadow: ShadowWorker | None = None
+    ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "slm_requests",
@@ -51,6 +97,12 @@ class Metrics:
         self.latency = self._seconds("slm_request_latency_seconds", "End-to-end request latency.")
         self.ttft = self._seconds("slm_time_to_first_token_seconds", "Time to first token.")
         self.registry.register(_EngineCollector(engine))
+        if promoter is not None:
+            self.watch_shadow(promoter, shadow)
+
+    def watch_shadow(self, promoter: Promoter, shadow: ShadowWorker | None = None) -> None:
+        """Export task states and shadow counters (for services built after the metrics)."""
+        self.registry.register(_ShadowCollector(promoter, shadow))
 
     def _seconds(self, name: str, documentation: str) -> Histogram:
         """A per-endpoint histogram of durations in seconds."""

@@ -16,11 +16,16 @@ from slm_agent.runtime.agents.runs import AgentRunner
 from slm_agent.runtime.config import Settings
 from slm_agent.runtime.engine import Engine, EngineConfig
 from slm_agent.runtime.http.metrics import Metrics
+from slm_agent.runtime.matching.loader import load_encoder
+from slm_agent.runtime.matching.matcher import TaskMatcher
 from slm_agent.runtime.remote.client import RemoteClient
 from slm_agent.runtime.routing.escalation import Escalation
 from slm_agent.runtime.serving.jobs import JobBuilder
 from slm_agent.runtime.serving.local import LocalRunner
 from slm_agent.runtime.serving.recorder import TraceRecorder
+from slm_agent.runtime.shadow.promoter import Promoter
+from slm_agent.runtime.shadow.states import TaskStates
+from slm_agent.runtime.shadow.worker import ShadowWorker
 from slm_agent.runtime.store.events import EventBus
 from slm_agent.runtime.store.spans import SpanStore
 from slm_agent.runtime.store.traces import TraceStore
@@ -44,6 +49,8 @@ class Services:
     remote: RemoteClient | None
     escalation: Escalation
     runs: AgentRunner
+    promoter: Promoter
+    shadow: ShadowWorker
     load_error: str | None = None
 
 
@@ -92,7 +99,26 @@ def build_services(settings: Settings) -> Services:
     jobs = JobBuilder(settings, store, base, engine, tasks)
     # No provider configured: no client, and every remote route is answered locally ("offline").
     remote = RemoteClient(settings.remote) if settings.remote.providers else None
-    escalation = Escalation(jobs, LocalRunner(engine, recorder), recorder, remote, events.publish)
+    encoder, problem = load_encoder(settings.encoder_dir, threads=1)
+    matcher = TaskMatcher(
+        tasks,
+        encoder,
+        encoder_problem=problem,
+        on_event=events.publish,
+        on_new_signature=traces.tag_signature,
+    )
+    promoter = Promoter(TaskStates(settings.db_path, on_event=events.publish))
+    shadow = ShadowWorker(engine, promoter, events.publish, capacity=settings.shadow_queue)
+    escalation = Escalation(
+        jobs,
+        LocalRunner(engine, recorder),
+        recorder,
+        remote,
+        events.publish,
+        matcher=matcher,
+        promoter=promoter,
+        shadow=shadow,
+    )
     runs = AgentRunner(escalation, SpanStore(settings.db_path), events.publish)
     return Services(
         settings,
@@ -108,6 +134,8 @@ def build_services(settings: Settings) -> Services:
         remote,
         escalation,
         runs,
+        promoter,
+        shadow,
     )
 
 

@@ -24,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from slm_agent.contracts.api import ChatCompletionRequest, CompletionRequest, TaskRequest
@@ -31,8 +32,10 @@ from slm_agent.contracts.records import TraceRecord
 from slm_agent.contracts.tasks import Task
 from slm_agent.errors import NotFoundError, SlmAgentError, UnavailableError
 from slm_agent.runtime.engine import GenerationResult
+from slm_agent.runtime.matching.matcher import TaskMatcher
 from slm_agent.runtime.remote.client import RemoteClient
 from slm_agent.runtime.remote.settings import RemoteResult
+from slm_agent.runtime.routing.matched import MatchedCalls
 from slm_agent.runtime.routing.outcome import Outcome
 from slm_agent.runtime.routing.remote_answers import RemoteAnswers
 from slm_agent.runtime.routing.review import review
@@ -42,6 +45,8 @@ from slm_agent.runtime.serving.context import CallContext, Job, new_trace
 from slm_agent.runtime.serving.jobs import JobBuilder
 from slm_agent.runtime.serving.local import LocalRunner
 from slm_agent.runtime.serving.recorder import LocalAnswer, TraceRecorder
+from slm_agent.runtime.shadow.promoter import Promoter
+from slm_agent.runtime.shadow.worker import ShadowWorker
 
 Publish = Callable[[str, dict[str, Any]], Any]
 AskRemote = Callable[[RouteDecision], Awaitable[Outcome | None]]
@@ -71,8 +76,18 @@ class Escalation:
         remote: RemoteClient | None,
         publish: Publish,
         router: RuleRouter | None = None,
+        *,
+        matcher: TaskMatcher | None = None,
+        promoter: Promoter | None = None,
+        shadow: ShadowWorker | None = None,
     ) -> None:
         self.jobs = jobs
+        self.matcher = matcher
+        self.matched = (
+            MatchedCalls(jobs, local, recorder, promoter, shadow, self._announce)
+            if promoter and shadow
+            else None
+        )
         self.local = local
         self.recorder = recorder
         self.remote = remote
@@ -158,9 +173,23 @@ class Escalation:
         raw = [m.model_dump(exclude_none=True) for m in body.messages]
         with self._rejecting("chat.completions", ctx, body.model, raw):
             features, job, task = self._chat_features(body, ctx)
-        trace = job.trace if job else self._proxy_trace(body, ctx)
+        trace = job.trace if job else _proxy_trace(body, ctx, self.jobs.base.name)
+        self._match(body, raw, job, trace)
         decision = self.decide(features, trace)
         return Routed(features, decision, trace, job, task, ctx, started, chat=body)
+
+    def _match(
+        self, body: ChatCompletionRequest, messages: list[dict[str, Any]], job: Job | None, trace: TraceRecord
+    ) -> None:
+        """Which task this call is, recorded in its trace: explicit > template signature > embedding."""
+        if self.matcher is None:
+            return
+        explicit = job.target.task.name if job and job.target.task else None
+        response_format = body.response_format.model_dump(exclude_none=True) if body.response_format else None
+        match = self.matcher.match(messages, body.tools, response_format, explicit=explicit)
+        trace.signature, trace.match_method, trace.match_score = match.signature, match.method, match.score
+        if job is None and match.task is not None:
+            trace.task = match.task
 
     async def chat(self, routed: Routed) -> Outcome:
         """Carry out a chat decision; every error from here on is traced before it is raised."""
@@ -180,7 +209,13 @@ class Escalation:
             return ask
 
         if decision.route == "remote":
-            outcome = await ask_remote(trace, job is not None, started)(decision)
+            proxy = ask_remote(trace, job is not None, started)
+            if self.matched is not None and job is None and ctx.route is None:
+                assert self.answers is not None  # a remote route means a remote is configured
+                recheck = partial(self.answers.message, raw)
+                outcome = await self.matched.answer(body, trace, ctx, decision, proxy, recheck)
+            else:
+                outcome = await proxy(decision)
             if outcome is not None:
                 return outcome
             decision = self._offline(trace, attempts)
@@ -283,17 +318,13 @@ class Escalation:
         self.recorder.local(job, result)
         return Outcome(job.trace, body=response.model_dump(exclude_none=True))
 
-    # -- the daemon's own remote calls -----------------------------------------------------------------
     async def remote_call(
         self, body: dict[str, Any], endpoint: str, ctx: CallContext, reason: str = "planning"
     ) -> tuple[RemoteResult, TraceRecord]:
         """One traced remote chat call made by the daemon itself (agent runs: plan, steps, final)."""
         if self.answers is None:
             raise UnavailableError("no remote provider is configured: add one under [remote] in the config")
-        started = time.perf_counter()
-        trace = new_trace(endpoint, ctx, self.jobs.base.name, request=body.get("messages"))
-        decision = RouteDecision(route="remote", reason=reason, detail=endpoint)  # type: ignore[arg-type]
-        return await self.answers.call(body, trace, decision, started), trace
+        return await self.answers.call(body, endpoint, ctx, reason)
 
     # -- shared steps --------------------------------------------------------------------------------
     async def _second_opinion(
@@ -350,14 +381,15 @@ class Escalation:
         self.recorder.local(job, result, status=499)
         return Outcome(job.trace, status=499)
 
-    def _proxy_trace(self, body: ChatCompletionRequest, ctx: CallContext) -> TraceRecord:
-        return new_trace(
-            "chat.completions",
-            ctx,
-            self.jobs.base.name,
-            model=body.model,
-            request=[m.model_dump(exclude_none=True) for m in body.messages],
-            tools=body.tools,
-            params=body.model_dump(exclude={"messages", "tools", "model"}, exclude_none=True),
-            stream=body.stream,
-        )
+
+def _proxy_trace(body: ChatCompletionRequest, ctx: CallContext, base_model: str) -> TraceRecord:
+    return new_trace(
+        "chat.completions",
+        ctx,
+        base_model,
+        model=body.model,
+        request=[m.model_dump(exclude_none=True) for m in body.messages],
+        tools=body.tools,
+        params=body.model_dump(exclude={"messages", "tools", "model"}, exclude_none=True),
+        stream=body.stream,
+    )

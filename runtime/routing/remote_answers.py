@@ -6,6 +6,7 @@ falls back to the local model.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -19,7 +20,7 @@ from slm_agent.runtime.remote.settings import RemoteResult
 from slm_agent.runtime.remote.streaming import AsyncRemoteStream
 from slm_agent.runtime.routing.outcome import Outcome
 from slm_agent.runtime.routing.router import RouteDecision
-from slm_agent.runtime.serving.context import Job
+from slm_agent.runtime.serving.context import CallContext, Job, new_trace
 from slm_agent.runtime.serving.recorder import TraceRecorder
 from slm_agent.runtime.serving.responses import finish_reason
 from slm_agent.runtime.serving.sse import DONE, error_event, sse
@@ -165,9 +166,12 @@ class RemoteAnswers:
         return Outcome(trace, body=response.model_dump())
 
     async def call(
-        self, body: dict[str, Any], trace: TraceRecord, decision: RouteDecision, started: float
-    ) -> RemoteResult:
+        self, body: dict[str, Any], endpoint: str, ctx: CallContext, reason: str
+    ) -> tuple[RemoteResult, TraceRecord]:
         """One traced call made by the daemon itself (agent runs: plan, steps, final answer)."""
+        started = time.perf_counter()
+        trace = new_trace(endpoint, ctx, self.recorder.base_model, request=body.get("messages"))
+        decision = RouteDecision(route="remote", reason=reason, detail=endpoint)  # type: ignore[arg-type]
         self.announce(decision, trace)
         try:
             result = await self.remote.achat(body, escalation=True)
@@ -175,7 +179,13 @@ class RemoteAnswers:
             self.recorder.failed(trace, exc, started=started, attempts=[])
             raise
         self.finish(trace, decision, result, [], result.message.get("content"), result.finish_reason, started)
-        return result
+        return result, trace
+
+    async def message(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """The agent's request asked of the remote once more, untraced: a live answer's spot check.
+        Budgets and redaction apply as to any remote call."""
+        result = await self.remote.achat({**raw, "stream": False}, escalation=False)
+        return result.message
 
     def finish(
         self,

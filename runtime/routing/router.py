@@ -11,11 +11,12 @@ ONNX classifier over the same features) can replace it without touching the call
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 from pydantic import BaseModel, Field
+
+from slm_agent.contracts.planning import is_planning_request
 
 __all__ = [
     "RequestFeatures",
@@ -26,7 +27,11 @@ __all__ = [
     "is_planning_request",
 ]
 
-RouteReason = Literal["policy", "proxy", "planning", "validation", "confidence", "offline"]
+# promoted: a matched task's adapter answers for the remote (shadow mode earned it); gate: that
+# task is live, but this request's answer was predicted to disagree, so the remote answers it.
+RouteReason = Literal[
+    "policy", "proxy", "planning", "validation", "confidence", "offline", "promoted", "gate"
+]
 
 
 class RequestFeatures(BaseModel):
@@ -147,39 +152,3 @@ def confidence(token_logprobs: Sequence[float]) -> tuple[float, float]:
     if not token_logprobs:
         return 0.0, 0.0
     return sum(token_logprobs) / len(token_logprobs), min(token_logprobs)
-
-
-# -- planning --------------------------------------------------------------------------------------
-
-_PLANNING = re.compile(
-    r"\b(?:planner|planning|make a plan|create a plan|(?:write|draft|produce|outline) (?:a |the )?plan"
-    r"|plan (?:out |the |your )?(?:steps|tasks|approach|actions)|step[- ]by[- ]step plan|next steps?"
-    r"|decompose|break (?:it|this|the (?:task|problem|goal)) (?:down|into)|sub-?tasks|multi-step)\b",
-    re.IGNORECASE,
-)
-MANY_TOOLS = 5
-
-
-def is_planning_request(
-    messages: Sequence[dict[str, Any]],
-    task: str | None = None,
-    *,
-    task_is_planner: bool = False,
-    tools: Sequence[dict[str, Any]] | None = None,
-) -> bool:
-    """Whether a request asks for planning, which the small local model does badly.
-
-    Signs: the task is marked planner; the system/developer prompt talks about plans and steps;
-    or the agent offers many tools and no local task covers the request (an open-ended agent turn).
-    """
-    if task_is_planner:
-        return True
-    for message in messages:
-        if message.get("role") not in ("system", "developer"):
-            continue
-        content = message.get("content")
-        if isinstance(content, list):
-            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
-        if isinstance(content, str) and _PLANNING.search(content):
-            return True
-    return task is None and len(tools or ()) >= MANY_TOOLS

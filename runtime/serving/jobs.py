@@ -9,9 +9,9 @@ import time
 from typing import Any
 
 from slm_agent.contracts.api import ChatCompletionRequest, CompletionRequest, ModelCard, TaskRequest
-from slm_agent.contracts.prompts import last_user_text, render_chat, task_prompt
+from slm_agent.contracts.prompts import chat_task_prompt, last_user_text, render_chat, task_prompt
 from slm_agent.contracts.records import TraceRecord
-from slm_agent.contracts.tasks import TaskRegistry
+from slm_agent.contracts.tasks import Task, TaskRegistry
 from slm_agent.errors import NotFoundError, SchemaError
 from slm_agent.models.manifest import ModelManifest, PromptFormat
 from slm_agent.models.store import ModelStore
@@ -94,9 +94,14 @@ class JobBuilder:
         grammar = None
         if task is not None:
             task_tools = tools or task.tools or None
-            prefix, body, task_stop = task_prompt(
-                task, last_user_text(req.messages), task_tools, target.prompt_format
-            )
+            if task.form == "chat":  # the agent's own conversation is the input
+                prefix, body, task_stop = chat_task_prompt(
+                    task, req.messages, task_tools, target.prompt_format
+                )
+            else:
+                prefix, body, task_stop = task_prompt(
+                    task, last_user_text(req.messages), task_tools, target.prompt_format
+                )
             grammar = grammars.task_grammar(task, task_tools, forced)
             kind, stop, defaults = task.kind, stop or task_stop, task.sampling
         else:
@@ -138,6 +143,32 @@ class JobBuilder:
         trace.stream = req.stream
         self.engine.prepare(gen)
         return Job("chat.completions", target, gen, trace, kind, task_tools)
+
+    def chat_task_job(
+        self, req: ChatCompletionRequest, task: Task, trace: TraceRecord, ctx: CallContext
+    ) -> Job:
+        """An agent's own request answered by the chat-shaped task it matched, on the task's adapter:
+        the prompt is the agent's conversation and tools, the answer is held to the task's contract.
+        The answer carries the model id the agent asked for."""
+        fmt = task.prompt_format or self.base.prompt_format or PromptFormat()
+        target = Target(req.model, task, task.adapter, task.adapter_scale, fmt)
+        tools = req.tools or task.tools or None
+        prefix, body, stop = chat_task_prompt(task, req.messages, tools, fmt)
+        gen = GenerationRequest(
+            prefix=prefix,
+            body=body,
+            adapter=task.adapter,
+            adapter_scale=task.adapter_scale,
+            max_tokens=task.sampling.max_tokens,
+            temperature=task.sampling.temperature,
+            top_p=task.sampling.top_p,
+            stop=stop,
+            grammar=grammars.task_grammar(task, tools, _forced_tool(req.tool_choice)),
+            logprobs=True,  # the per-request gate reads the answer's token log-probabilities
+            deadline=self._deadline(ctx),
+        )
+        self.engine.prepare(gen)
+        return Job("chat.completions", target, gen, trace, task.kind, tools)
 
     def completion_job(self, req: CompletionRequest, ctx: CallContext) -> Job:
         target = self.resolve(req.model, ctx)

@@ -73,6 +73,12 @@ def chat_answer(job: Job, result: GenerationResult) -> LocalAnswer:
     return LocalAnswer(result.text.strip() if job.output_kind != "text" else result.text, output, None)
 
 
+def assistant_message(answer: LocalAnswer) -> dict[str, Any]:
+    """A local answer as the OpenAI assistant message the agent gets (and the remote's is compared to)."""
+    calls = [c.model_dump() for c in answer.tool_calls] if answer.tool_calls else None
+    return {"role": "assistant", "content": None if calls else answer.text, "tool_calls": calls}
+
+
 def chat_completion(job: Job, result: GenerationResult, answer: LocalAnswer) -> ChatCompletion:
     if answer.tool_calls:
         message = AssistantMessage(content=None, tool_calls=answer.tool_calls)

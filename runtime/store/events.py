@@ -27,7 +27,19 @@ from slm_agent.runtime.store.traces import TraceStore
 
 log = logging.getLogger(__name__)
 
-EventKind = Literal["trace", "route", "model_load", "adapter_load", "adapter_unload", "error"]
+# task_state: a task moved (shadow, live, demoted); shadow_pair: one local answer scored against the
+# remote; matching: how calls are matched to tasks (signature only when there is no encoder).
+EventKind = Literal[
+    "trace",
+    "route",
+    "model_load",
+    "adapter_load",
+    "adapter_unload",
+    "error",
+    "task_state",
+    "shadow_pair",
+    "matching",
+]
 SEQ_SHIFT = 20
 _COUNTER_MASK = (1 << SEQ_SHIFT) - 1
 SSE_RETRY_MS = 2000  # how long a client waits before reconnecting, sent as the stream's ``retry:``

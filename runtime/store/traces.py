@@ -130,6 +130,19 @@ class TraceStore:
             )
         return record.model_copy(update={"seq": cur.lastrowid})
 
+    def tag_signature(self, signature: str, task: str) -> int:
+        """Give a newly accepted task the traces recorded before it existed; returns how many.
+
+        Only traces no task claimed yet: an explicit or earlier match is the better witness.
+        """
+        with self._writing() as conn:
+            cur = conn.execute(
+                "UPDATE traces SET task = ?, match_method = 'signature', match_score = 1.0 "
+                "WHERE signature = ? AND task IS NULL",
+                [task, signature],
+            )
+        return cur.rowcount
+
     # -- reads -----------------------------------------------------------------------------------
     def _read(self, sql: str, params: list[Any] | tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:

@@ -1,16 +1,24 @@
-"""Pull: install the adapters the training box published, then ask a running daemon to load them."""
+"""Pull: install the adapters the training box published, then ask a running daemon to load them.
+
+An adapter for a task discovered on the training box (a chat-shaped task) carries that task's
+file; pull writes it to the tasks dir when the device has no file of that name, never over a
+user's own, before the daemon is told to load the adapter, so the task is there to bind it to.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from slm_agent.atomic import write_atomic
+from slm_agent.contracts.tasks import TASK_NAME_RE, parse_task
 from slm_agent.contracts.wire import (
     AdapterListing,
     PublishedAdapter,
@@ -18,7 +26,7 @@ from slm_agent.contracts.wire import (
     SyncSettings,
     scan_publish_dir,
 )
-from slm_agent.errors import ModelStoreError, SlmAgentError, UnavailableError
+from slm_agent.errors import BadRequestError, ModelStoreError, SlmAgentError, UnavailableError
 from slm_agent.runtime.sync.targets import HttpTarget, device_token, is_url, raise_for_response
 
 log = logging.getLogger(__name__)
@@ -83,11 +91,13 @@ def pull(
     daemon_url: str | None = None,
     daemon_token: str | None = None,
     client: httpx.Client | None = None,
+    tasks_dir: Path | None = None,
 ) -> PullResult:
     """Install every published adapter that fits ``base_model``; tell a running daemon to load it.
 
     A rejected artifact (bad checksum, wrong base, name clash) is reported and leaves whatever is
-    installed untouched: the store only ever gains whole, checked adapters.
+    installed untouched: the store only ever gains whole, checked adapters. With ``tasks_dir``, the
+    task files an installed adapter carries are installed there too (``install_task_files``).
     """
     result = PullResult()
     base = model_store.get(base_model)
@@ -124,12 +134,35 @@ def pull(
             finally:
                 tmp.unlink(missing_ok=True)
             result.installed.append(adapter.name)
+            if tasks_dir is not None:
+                result.tasks_installed += install_task_files(adapter, Path(tasks_dir))
         except SlmAgentError as exc:
             log.warning("rejected adapter %s: %s", adapter.name, exc.message)
             result.rejected[adapter.name] = exc.message
     if result.installed and daemon_url:
         result.daemon_running, result.loaded = notify_daemon(daemon_url, daemon_token, result.installed)
     return result
+
+
+def install_task_files(adapter: PublishedAdapter, tasks_dir: Path) -> list[str]:
+    """Write each task file ``adapter`` carries as ``<tasks_dir>/<task>.toml`` unless that file
+    exists; returns the tasks written. A file that does not load as its task is skipped, logged."""
+    written = []
+    for name, text in adapter.task_files.items():
+        target = tasks_dir / f"{name}.toml"
+        if not TASK_NAME_RE.match(name) or target.exists():
+            continue  # a user's own file of that name is theirs: never replaced
+        try:
+            data = tomllib.loads(text)
+            task = parse_task({**data, "name": data.get("name", name)}, str(target))
+            if task.name != name:
+                raise BadRequestError(f"the file defines task {task.name!r}, not {name!r}")
+        except (tomllib.TOMLDecodeError, BadRequestError) as exc:
+            log.warning("adapter %s carries an unusable task file for %s: %s", adapter.name, name, exc)
+            continue
+        write_atomic(target, text.encode())
+        written.append(name)
+    return written
 
 
 def notify_daemon(daemon_url: str, token: str | None, names: list[str]) -> tuple[bool, list[str]]:

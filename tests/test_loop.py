@@ -1,0 +1,153 @@
+"""The loop's device side on a real daemon: an unmodified agent's `gpt-4o` calls are matched to
+chat tasks and traced, untagged calls are tagged when a task appears, a published adapter is
+verified in shadow, and a live task answers on the laptop with the model id the agent asked for.
+
+The remote is the scripted teacher (tests/teacher.py): these tests need a remote whose answers
+are known. The adapter is a small random LoRA: what is checked here is the path a call takes,
+not the adapter's quality (tests/test_loop_e2e.py trains real ones).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from agent_sim import PLANNING, SUBTASKS, generate_calls, run_agent
+from conftest import Daemon
+from lora import make_lora
+from match_tasks import signature_of
+from remote_fixtures import provider, remote_env
+from teacher import Teacher
+
+from slm_agent.models import ModelStore
+from slm_agent.train.task_toml import task_toml
+
+KIND = {"pick_tool": "tool_call", "extract_contact": "json", "classify_ticket": "label"}
+
+
+def chat_task(subtask: str, calls: list[Any], **extra: Any) -> str:
+    """A chat task for one agent step, as `train discover --accept` writes one."""
+    body = calls[0].body
+    data: dict[str, Any] = {
+        "kind": KIND[subtask],
+        "form": "chat",
+        "signature": signature_of(body),
+        "sampling": {"max_tokens": 48},
+    }
+    if subtask == "classify_ticket":
+        data["labels"] = ["billing", "bug", "account"]
+    if subtask == "extract_contact":
+        data["output_schema"] = body["response_format"]["json_schema"]["schema"]
+    return task_toml({**data, **extra})
+
+
+def query(daemon: Daemon, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+    conn = sqlite3.connect(f"file:{daemon.db_path}?mode=ro", uri=True)
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()
+
+
+def wait_until(condition: Any, timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+@pytest.fixture
+def teacher() -> Iterator[Teacher]:
+    with Teacher(latency_s=0.05) as t:
+        yield t
+
+
+def agent_daemon(make_daemon: Any, teacher: Teacher, **env: str) -> tuple[Daemon, openai.OpenAI]:
+    daemon = make_daemon(env={**remote_env([provider("teacher", teacher.url, ["gpt-4o"])]), **env})
+    client = openai.OpenAI(base_url=f"{daemon.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return daemon, client
+
+
+def test_calls_are_matched_by_template_and_tagged_when_a_task_appears(
+    make_daemon: Any, teacher: Teacher
+) -> None:
+    daemon, client = agent_daemon(make_daemon, teacher)
+    calls = generate_calls(3, 2, seed=5)
+    first = run_agent(client, calls)
+    assert {r.route_reason for r in first} == {"proxy"} and all(r.correct for r in first)
+    rows = query(daemon, "SELECT task, match_method, signature FROM traces")
+    assert all(r["signature"] for r in rows) and not any(r["task"] for r in rows)
+
+    # Accepting the tasks (a file in the tasks dir) is picked up without a restart, and the calls
+    # already traced with their signature are tagged.
+    tasks_dir = Path(os.environ["SLM_AGENT_HOME"]) / "config" / "tasks"
+    tasks_dir.mkdir(parents=True, exist_ok=True)
+    for subtask in SUBTASKS:
+        mine = [c for c in calls if c.subtask == subtask]
+        (tasks_dir / f"{subtask.replace('_', '-')}.toml").write_text(chat_task(subtask, mine))
+    time.sleep(1.2)  # the registry is checked at most once a second
+    second = run_agent(client, calls)
+    assert {r.route_reason for r in second} == {"proxy"}  # no adapter yet: the remote answers
+    by_trace = {r["id"]: r for r in query(daemon, "SELECT id, task, match_method, match_score FROM traces")}
+    for result in [*first, *second]:
+        row = by_trace[result.trace_id]
+        if result.call.subtask == PLANNING:
+            assert row["task"] is None and row["match_method"] is None
+        else:
+            assert row["task"] == result.call.subtask.replace("_", "-"), row
+            assert row["match_method"] == "signature" and row["match_score"] == 1.0
+
+
+def test_shadow_then_promotion_answers_locally_and_demotion_hands_back(
+    make_daemon: Any, teacher: Teacher, bundled: Any, model_path: Path, tmp_path: Path
+) -> None:
+    store = ModelStore(tmp_path / "store")
+    store.add(model_path, name=bundled.name, expected_sha256=bundled.sha256)
+    store.add(make_lora(tmp_path / "pick.gguf", model_path, seed=3, std=0.02), name="pick-lora")
+    calls = [c for c in generate_calls(12, 0, seed=6) if c.subtask == "pick_tool"]
+    tasks_dir = Path(os.environ["SLM_AGENT_HOME"]) / "config" / "tasks"
+    tasks_dir.mkdir(parents=True, exist_ok=True)
+    (tasks_dir / "pick-tool.toml").write_text(
+        chat_task("pick_tool", calls, adapter="pick-lora") + "[promotion]\nmin_pairs = 500\n"
+    )
+    daemon, client = agent_daemon(make_daemon, teacher, SLM_AGENT_STORE_DIR=str(store.root))
+    states = lambda: {s["task"]: s for s in httpx.get(f"{daemon.url}/v1/admin/task-states").json()}  # noqa: E731
+
+    # Shadow: the remote answers the agent; the adapter is compared in the background.
+    shadowed = run_agent(client, calls)
+    assert {r.route for r in shadowed} == {"remote"} and all(r.correct for r in shadowed)
+    assert wait_until(lambda: (states()["pick-tool"]["stats"] or {}).get("n", 0) >= 3, timeout=180), states()[
+        "pick-tool"
+    ]
+    state = states()["pick-tool"]
+    assert state["state"] == "shadow", state  # far fewer pairs than min_pairs: it stays in shadow
+    pairs = query(daemon, "SELECT trace_id, agreed, local_output FROM shadow_pairs")
+    assert {p["trace_id"] for p in pairs} <= {r.trace_id for r in shadowed}
+    assert all(json.loads(p["local_output"])["tool_calls"] for p in pairs)  # the grammar's valid calls
+
+    # Promoted by hand: the adapter answers, under the model id the agent asked for.
+    assert httpx.post(f"{daemon.url}/v1/admin/tasks/pick-tool/promote").json()["state"] == "live"
+    live = run_agent(client, calls[:4])
+    assert {(r.route, r.route_reason) for r in live} == {("local", "promoted")}
+    raw = client.chat.completions.create(**calls[0].body)
+    assert raw.model == "gpt-4o" and raw.choices[0].message.tool_calls
+    trace = httpx.get(f"{daemon.url}/v1/traces/{live[0].trace_id}").json()["trace"]
+    assert trace["adapter"] == "pick-lora" and trace["task"] == "pick-tool"
+
+    # Demoted: the remote answers again.
+    assert httpx.post(f"{daemon.url}/v1/admin/tasks/pick-tool/demote").json()["state"] == "demoted"
+    back = run_agent(client, calls[:3])
+    assert {r.route for r in back} == {"remote"} and all(r.correct for r in back)
+    transitions = query(daemon, "SELECT to_state, reason FROM task_transitions ORDER BY seq")
+    assert [t["to_state"] for t in transitions] == ["shadow", "live", "demoted"]
