@@ -204,7 +204,7 @@ def pair(agreed: bool | None, adapter: str = "triage-v1", features: list[float] 
 
 def test_states_store_transitions_events_and_pairs(db: Path, states: tuple[TaskStates, list[Any]]) -> None:
     store, events = states
-    assert store.state("triage").state == "proxied"
+    assert store.state("triage").state == "proxied" and store.state("triage").changed_at is None
     store.set_state("triage", "triage-v1", "shadow", "adapter published")
     store.set_state("triage", "triage-v1", "live", "promoted")
     assert [(t.from_state, t.to_state) for t in store.transitions("triage")] == [
@@ -218,8 +218,10 @@ def test_states_store_transitions_events_and_pairs(db: Path, states: tuple[TaskS
     assert [p.agreed for p in store.pairs("triage", "triage-v1")] == [True, True, False]
     assert store.pair_totals() == {"triage": (3, 2)}
     assert sum(kind == "shadow_pair" for kind, _ in events) == 4
+    assert store.set_gate("fresh", None).changed_at is not None  # a row the database accepts
     reopened = TaskStates(db)
-    assert reopened.state("triage").state == "live" and reopened.all_states()[0].reason == "promoted"
+    assert reopened.state("triage").state == "live" and reopened.state("triage").reason == "promoted"
+    assert [s.task for s in reopened.all_states()] == ["fresh", "triage"]
     reopened.close()
 
 

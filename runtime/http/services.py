@@ -109,6 +109,7 @@ def build_services(settings: Settings) -> Services:
     )
     promoter = Promoter(TaskStates(settings.db_path, on_event=events.publish))
     shadow = ShadowWorker(engine, promoter, events.publish, capacity=settings.shadow_queue)
+    metrics.watch_shadow(promoter, shadow)
     escalation = Escalation(
         jobs,
         LocalRunner(engine, recorder),

@@ -209,7 +209,8 @@ class MatchedCalls:
             local_ms=result.total_ms,
             remote_ms=remote_ms,
         )
-        self.promoter.record_pair(task, pair)
+        # SQLite writes and, on promotion, a gate fit: off the event loop.
+        await asyncio.to_thread(self.promoter.record_pair, task, pair)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -26,7 +26,7 @@ class TaskState(BaseModel):
     adapter: str | None = None
     state: StateName = "proxied"
     reason: str = "no adapter yet"
-    changed_at: str = Field(default_factory=utcnow)
+    changed_at: str | None = Field(None, description="When it entered this state; None: never stored.")
     gate: Gate | None = Field(None, description="live: which requests the adapter may answer.")
 
     @property

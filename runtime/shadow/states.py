@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from slm_agent.contracts.clock import utcnow
 from slm_agent.runtime.shadow.gate import Gate
 from slm_agent.runtime.shadow.records import PairRecord, PairStats, StateName, TaskState, Transition
 
@@ -57,7 +58,9 @@ class TaskStates:
         self, task: str, adapter: str | None, state: StateName, reason: str, gate: Gate | None = None
     ) -> TaskState:
         """Move ``task`` to ``state``: one transition row, the new current row, a ``task_state`` event."""
-        new = TaskState(task=task, adapter=adapter, state=state, reason=reason, gate=gate)
+        new = TaskState(
+            task=task, adapter=adapter, state=state, reason=reason, changed_at=utcnow(), gate=gate
+        )
         with self._lock:
             old = self._states.get(task)
             self._conn.execute("BEGIN IMMEDIATE")
@@ -92,7 +95,7 @@ class TaskStates:
         """Replace a task's gate (a refit) without changing its state."""
         with self._lock:
             current = self._states.get(task) or TaskState(task=task)
-            updated = current.model_copy(update={"gate": gate})
+            updated = current.model_copy(update={"gate": gate, "changed_at": current.changed_at or utcnow()})
             self._write_state(updated)
             self._states[task] = updated
         return updated
@@ -149,32 +152,29 @@ class TaskStates:
         """Pairs from this time on count: a demoted adapter earns promotion on new pairs only."""
         with self._lock:
             current = self._states.get(task)
-        return current.changed_at if current is not None and current.adapter == adapter else ""
+        if current is None or current.adapter != adapter:
+            return ""
+        return current.changed_at or ""
+
+    def _judged(self, columns: str, task: str, adapter: str | None, since: str) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._conn.execute(
+                f"SELECT {columns} FROM shadow_pairs WHERE task = ? AND adapter IS ? AND created_at >= ? "
+                "AND agreed IS NOT NULL ORDER BY seq",
+                [task, adapter, since],
+            ).fetchall()
 
     def stats(self, task: str, adapter: str | None, window: int = 20) -> PairStats:
         """Agreement of ``adapter`` on ``task`` since the task entered its state, and over the
         newest ``window`` of those pairs (what a demotion looks at)."""
-        since = self._epoch(task, adapter)
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT agreed FROM shadow_pairs WHERE task = ? AND adapter IS ? AND created_at >= ? "
-                "AND agreed IS NOT NULL ORDER BY seq",
-                [task, adapter, since],
-            ).fetchall()
-        verdicts = [bool(r[0]) for r in rows]
-        return PairStats.of(task, adapter, verdicts, window)
+        rows = self._judged("agreed", task, adapter, self._epoch(task, adapter))
+        return PairStats.of(task, adapter, [bool(r[0]) for r in rows], window)
 
     def pairs(self, task: str, adapter: str | None, *, current: bool = True) -> list[PairRecord]:
         """The judged pairs of ``adapter`` on ``task`` in order (since the task's state began when
         ``current``): what the gate is fitted on."""
         since = self._epoch(task, adapter) if current else ""
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT * FROM shadow_pairs WHERE task = ? AND adapter IS ? AND created_at >= ? "
-                "AND agreed IS NOT NULL ORDER BY seq",
-                [task, adapter, since],
-            ).fetchall()
-        return [_pair_from_row(r) for r in rows]
+        return [_pair_from_row(r) for r in self._judged("*", task, adapter, since)]
 
     def pair_totals(self) -> dict[str, tuple[int, int]]:
         """Per task: (judged pairs, agreeing pairs), over all time (the /metrics counters)."""

@@ -22,7 +22,7 @@ from slm_agent.contracts.tasks import Task
 from slm_agent.errors import QueueFullError, SlmAgentError, UnavailableError
 from slm_agent.runtime.engine import Engine, GenerationRequest, GenerationResult
 from slm_agent.runtime.serving.context import Job
-from slm_agent.runtime.serving.responses import chat_answer
+from slm_agent.runtime.serving.responses import assistant_message, chat_answer
 from slm_agent.runtime.shadow.agreement import agreement
 from slm_agent.runtime.shadow.gate import gate_features
 from slm_agent.runtime.shadow.promoter import Promoter
@@ -60,9 +60,7 @@ class ShadowJob:
 
 def local_message(job: ShadowJob, result: GenerationResult) -> dict[str, Any]:
     """The local answer as the assistant message the agent would have received."""
-    answer = chat_answer(job.job, result)
-    calls = [c.model_dump() for c in answer.tool_calls] if answer.tool_calls else None
-    return {"role": "assistant", "content": None if calls else answer.text, "tool_calls": calls}
+    return assistant_message(chat_answer(job.job, result))
 
 
 @dataclass
