@@ -129,7 +129,12 @@ def test_unmodified_agent_calls_move_to_the_laptop_and_back_on_drift(
 
         # 4. The device pulls adapters and task definitions; the daemon serves them in shadow.
         pulled = pull(
-            str(settings.publish_dir), SyncSettings(), device_store, bundled.name, daemon_url=daemon.url
+            str(settings.publish_dir),
+            SyncSettings(),
+            device_store,
+            bundled.name,
+            daemon_url=daemon.url,
+            tasks_dir=tasks_dir,
         )
         assert len(pulled.installed) == len(names) and len(pulled.loaded) == len(names)
         assert {p.stem for p in tasks_dir.glob("*.toml")} == set(names)
@@ -137,7 +142,7 @@ def test_unmodified_agent_calls_move_to_the_laptop_and_back_on_drift(
         # 5. The agent keeps calling; the remote answers, the adapters are compared while idle.
         shadowed = run_agent(client, generate_calls(40, 6, seed=2))
         assert {r.route for r in shadowed} == {"remote"}
-        assert wait_until(lambda: all(states(daemon.url)[n]["state"] == "live" for n in names), 300), states(
+        assert wait_until(lambda: all(states(daemon.url)[n]["state"] == "live" for n in names), 600), states(
             daemon.url
         )
 
