@@ -50,7 +50,6 @@ from slm_agent.contracts.wire import SyncSettings
 from slm_agent.models.encoder import Encoder
 from slm_agent.models.manifest import ModelManifest, PromptFormat
 from slm_agent.models.store import ModelStore
-from slm_agent.quantize.encoder import build_encoder, default_source
 from slm_agent.runtime.engine import Engine, EngineConfig, GenerationRequest
 from slm_agent.runtime.store.traces import TraceStore
 from slm_agent.runtime.sync.pull import pull
@@ -114,11 +113,9 @@ def collect(root: Path, calls: Sequence[AgentCall]) -> tuple[str, dict[str, set[
 
 
 @pytest.fixture(scope="module")
-def encoder(tmp_path_factory: pytest.TempPathFactory) -> Encoder:
-    source, origin = default_source()
-    folder = tmp_path_factory.mktemp("encoder") / "minilm-int8"
-    build_encoder(source, folder, origin=origin)
-    return Encoder(folder)
+def encoder(int8_encoder: Encoder) -> Encoder:
+    """The session's int8 encoder (conftest.py), built once for every test that embeds."""
+    return int8_encoder
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from slm_agent.contracts.records import FeedbackRecord, TraceRecord
 from slm_agent.contracts.tasks import TASK_NAME_RE, Example, load_task_file, parse_task
 from slm_agent.errors import BadRequestError, ConflictError
 from slm_agent.models.encoder import Encoder
-from slm_agent.quantize.encoder import build_encoder, default_source
 from slm_agent.runtime.engine.grammars import schema_grammar
 from slm_agent.train.collected import CollectedTrace, read_traces
 from slm_agent.train.contract import infer_contract, infer_schema
@@ -116,11 +115,9 @@ def synthetic_traces() -> tuple[list[TraceRecord], list[FeedbackRecord]]:
 
 
 @pytest.fixture(scope="module")
-def encoder(tmp_path_factory: pytest.TempPathFactory) -> Encoder:
-    source, origin = default_source()
-    folder = tmp_path_factory.mktemp("encoder") / "minilm-int8"
-    build_encoder(source, folder, origin=origin)
-    return Encoder(folder)
+def encoder(int8_encoder: Encoder) -> Encoder:
+    """The session's int8 encoder (conftest.py), built once for every test that embeds."""
+    return int8_encoder
 
 
 @pytest.fixture(scope="module")
