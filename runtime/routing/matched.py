@@ -113,7 +113,14 @@ class MatchedCalls:
     ) -> Outcome | RouteDecision:
         """The adapter's answer, or the decision to let the remote answer this one (reason ``gate``)
         when the gate or the task's contract says so; the caller proxies it."""
-        job = self.jobs.chat_task_job(body, task, trace, ctx)
+        try:
+            job = self.jobs.chat_task_job(body, task, trace, ctx)
+        except SlmAgentError as exc:  # e.g. the prompt does not fit the context: the remote answers
+            decision = RouteDecision(
+                route="remote", reason="gate", detail=f"not answerable locally: {exc.message}"
+            )
+            self.announce(decision, trace)
+            return decision
         result = await self.local.run(job, ctx)
         if result.finish_reason == "cancelled":
             self.recorder.local(job, result, status=499)
