@@ -49,9 +49,7 @@ class Redactor:
         return Redaction(text=out, mapping=mapping, counts=counts)
 
     def restore(self, text: str, mapping: dict[str, str]) -> str:
-        if not mapping or "<" not in text:
-            return text
-        return _PLACEHOLDER.sub(lambda m: mapping.get(m.group(0), m.group(0)), text)
+        return restore(text, mapping)
 
     def redact_json(
         self, value: Any, mapping: dict[str, str] | None = None
@@ -143,3 +141,10 @@ class StreamRestorer:
     def flush(self) -> str:
         text, self._held = self._held, ""
         return self._redactor.restore(text, self._mapping)
+
+
+def restore(text: str, mapping: dict[str, str]) -> str:
+    """Put the originals back for the placeholders ``mapping`` knows; others stay as they are."""
+    if not mapping or "<" not in text:
+        return text
+    return _PLACEHOLDER.sub(lambda m: mapping.get(m.group(0), m.group(0)), text)

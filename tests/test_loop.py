@@ -151,3 +151,34 @@ def test_shadow_then_promotion_answers_locally_and_demotion_hands_back(
     assert {r.route for r in back} == {"remote"} and all(r.correct for r in back)
     transitions = query(daemon, "SELECT to_state, reason FROM task_transitions ORDER BY seq")
     assert [t["to_state"] for t in transitions] == ["shadow", "live", "demoted"]
+
+
+def test_a_chat_task_answers_with_the_originals_of_its_placeholders() -> None:
+    """Adapters learn from redacted traces; the device prompts them with the same placeholders
+    and the agent gets the real values back."""
+    from slm_agent.contracts.records import TraceRecord
+    from slm_agent.models.manifest import PromptFormat
+    from slm_agent.runtime.engine import GenerationRequest, GenerationResult
+    from slm_agent.runtime.serving.context import Job, Target
+    from slm_agent.runtime.serving.responses import assistant_message, chat_answer
+
+    job = Job(
+        "chat.completions",
+        Target("gpt-4o", None, "extract-lora", 1.0, PromptFormat()),
+        GenerationRequest(prefix="", body=""),
+        TraceRecord(endpoint="chat.completions"),
+        "json",
+        placeholders={"<EMAIL_1>": "ann.lee@globex.example"},
+    )
+    result = GenerationResult(
+        text='{"name": "Ann Lee", "email": "<EMAIL_1>", "phone": null}',
+        finish_reason="stop",
+        prompt_tokens=30,
+        completion_tokens=12,
+        cached_tokens=0,
+        queue_ms=0.0,
+        ttft_ms=10.0,
+        total_ms=100.0,
+    )
+    message = assistant_message(chat_answer(job, result))
+    assert json.loads(message["content"])["email"] == "ann.lee@globex.example"

@@ -65,10 +65,11 @@ def wait_until(condition: Any, timeout: float, step: float = 1.0) -> bool:
 
 @pytest.mark.timeout(3600)
 @pytest.mark.xfail(
-    reason="known gap (issue 12): datasets are built from redacted traces, so an adapter learns to "
-    "emit <EMAIL_n>-style placeholders where the device's live input holds the real value; the "
-    "extraction task's shadow pairs disagree on the email field and it is never promoted. The "
-    "tool-choice and classification tasks are promoted (2026-12-03 run).",
+    reason="not yet passed end to end (issue 12). On 2026-12-03 the tool-choice and classification "
+    "tasks were promoted and answered 20/20 locally and correctly, but the extraction task was not: "
+    "its adapter, trained on redacted traces, wrote placeholders where the live input held the real "
+    "email (1 of 30 shadow pairs agreed). Chat tasks are now prompted with the same placeholders and "
+    "their answers restored; that fix has not been through this test yet.",
     strict=False,
 )
 def test_unmodified_agent_calls_move_to_the_laptop_and_back_on_drift(

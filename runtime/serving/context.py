@@ -53,6 +53,9 @@ class Job:
     output_kind: str  # text | json | label | tool_call
     tools: list[dict[str, Any]] | None = None
     started: float = field(default_factory=time.perf_counter)
+    # Placeholder -> original, for a job prompted with redacted text (a chat task learned from
+    # redacted traces sees its input as it was trained on); its answer gets the originals back.
+    placeholders: dict[str, str] = field(default_factory=dict)
 
 
 def new_trace(endpoint: str, ctx: CallContext, base_model: str, **fields: Any) -> TraceRecord:

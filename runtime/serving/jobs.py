@@ -15,6 +15,7 @@ from slm_agent.contracts.tasks import Task, TaskRegistry
 from slm_agent.errors import NotFoundError, SchemaError
 from slm_agent.models.manifest import ModelManifest, PromptFormat
 from slm_agent.models.store import ModelStore
+from slm_agent.privacy.redactor import Redactor
 from slm_agent.runtime.config import Settings
 from slm_agent.runtime.engine import Engine, GenerationRequest, grammars
 from slm_agent.runtime.serving.context import TASK_PREFIX, CallContext, Job, Target, new_trace
@@ -34,6 +35,7 @@ class JobBuilder:
         self.base = base
         self.engine = engine
         self.tasks = tasks
+        self._redactor = Redactor()
 
     # -- catalogue -------------------------------------------------------------------------------
     def model_cards(self) -> list[ModelCard]:
@@ -153,7 +155,14 @@ class JobBuilder:
         fmt = task.prompt_format or self.base.prompt_format or PromptFormat()
         target = Target(req.model, task, task.adapter, task.adapter_scale, fmt)
         tools = req.tools or task.tools or None
-        prefix, body, stop = chat_task_prompt(task, req.messages, tools, fmt)
+        # Its adapter was trained on traces redacted before they left the device: prompt it with
+        # the same placeholders (one mapping per request, as sync uses) and restore the answer.
+        placeholders: dict[str, str] = {}
+        messages = [
+            m.model_copy(update={"content": self._redactor.redact(m.text(), placeholders).text})
+            for m in req.messages
+        ]
+        prefix, body, stop = chat_task_prompt(task, messages, tools, fmt)
         gen = GenerationRequest(
             prefix=prefix,
             body=body,
@@ -168,7 +177,9 @@ class JobBuilder:
             deadline=self._deadline(ctx),
         )
         self.engine.prepare(gen)
-        return Job("chat.completions", target, gen, trace, task.kind, tools)
+        job = Job("chat.completions", target, gen, trace, task.kind, tools)
+        job.placeholders = placeholders
+        return job
 
     def completion_job(self, req: CompletionRequest, ctx: CallContext) -> Job:
         target = self.resolve(req.model, ctx)

@@ -4,6 +4,7 @@ chunks. Builders only shape; the recorder writes the trace.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -21,6 +22,7 @@ from slm_agent.contracts.api import (
     Usage,
 )
 from slm_agent.errors import SchemaError
+from slm_agent.privacy.redactor import restore
 from slm_agent.runtime.engine import GenerationResult
 from slm_agent.runtime.serving.context import Job
 from slm_agent.runtime.serving.recorder import LocalAnswer
@@ -64,6 +66,8 @@ def parse_output(job: Job, result: GenerationResult) -> tuple[Any, list[ToolCall
 def chat_answer(job: Job, result: GenerationResult) -> LocalAnswer:
     """A chat answer: like parse_output, but one cut off at max_tokens is returned as text, as
     OpenAI does."""
+    if job.placeholders:
+        result = dataclasses.replace(result, text=restore(result.text, job.placeholders))
     if result.finish_reason == "length" and job.output_kind != "text":
         output, tool_calls = None, None
     else:
