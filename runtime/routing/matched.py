@@ -31,11 +31,10 @@ from slm_agent.runtime.serving import responses
 from slm_agent.runtime.serving.context import CallContext, Job
 from slm_agent.runtime.serving.jobs import JobBuilder
 from slm_agent.runtime.serving.local import LocalRunner
-from slm_agent.runtime.serving.recorder import LocalAnswer, TraceRecorder
-from slm_agent.runtime.shadow.agreement import agreement
+from slm_agent.runtime.serving.recorder import TraceRecorder
 from slm_agent.runtime.shadow.gate import gate_features
 from slm_agent.runtime.shadow.promoter import Promoter
-from slm_agent.runtime.shadow.records import PairRecord, TaskState
+from slm_agent.runtime.shadow.records import TaskState
 from slm_agent.runtime.shadow.worker import ShadowJob, ShadowWorker
 
 log = logging.getLogger(__name__)
@@ -139,7 +138,7 @@ class MatchedCalls:
         trace.adapter = task.adapter
         self.recorder.local(job, result, answer)
         if self.sample() < task.promotion.shadow_sample:
-            self._spawn(self._sampled(task, trace, answer, result, features, ask_remote))
+            self._spawn(self._sampled(body, task, job, result, ask_remote))
         if body.stream:
             return Outcome(trace, stream=responses.replay_as_stream(response))
         return Outcome(trace, body=response)
@@ -158,17 +157,26 @@ class MatchedCalls:
         except SlmAgentError as exc:  # e.g. the prompt does not fit: the pair cannot be made
             log.info("no shadow run for %s: %s", trace.id, exc.message)
             return
-        self.shadow.submit(
-            ShadowJob(
-                job=job,
-                task=task,
-                remote=remote,
-                adapter=task.adapter,
-                remote_ms=trace.remote_latency_ms,
-                match_score=trace.match_score,
-                input_chars=len(request_content([m.model_dump(exclude_none=True) for m in body.messages])),
-                schema=task.output_schema,
-            )
+        self.shadow.submit(self._shadow_job(body, task, job, remote, trace.remote_latency_ms))
+
+    def _shadow_job(
+        self,
+        body: ChatCompletionRequest,
+        task: Task,
+        job: Job,
+        remote: dict[str, Any],
+        remote_ms: float | None,
+    ) -> ShadowJob:
+        """One pair to score: the adapter's side (``job``) and the remote's answer."""
+        return ShadowJob(
+            job=job,
+            task=task,
+            remote=remote,
+            adapter=task.adapter,
+            remote_ms=remote_ms,
+            match_score=job.trace.match_score,
+            input_chars=len(request_content([m.model_dump(exclude_none=True) for m in body.messages])),
+            schema=task.output_schema,
         )
 
     def _features(
@@ -185,11 +193,10 @@ class MatchedCalls:
 
     async def _sampled(
         self,
+        body: ChatCompletionRequest,
         task: Task,
-        trace: TraceRecord,
-        answer: LocalAnswer,
+        job: Job,
         result: GenerationResult,
-        features: list[float],
         ask_remote: AskRemote,
     ) -> None:
         """A live answer checked against the remote after the agent got it: drift shows here."""
@@ -197,27 +204,11 @@ class MatchedCalls:
         try:
             remote = await ask_remote()
         except SlmAgentError as exc:  # a remote failure changes nothing the agent saw
-            log.info("live sample of %s not checked: %s", trace.id, exc.message)
+            log.info("live sample of %s not checked: %s", job.trace.id, exc.message)
             return
-        remote_ms = (time.perf_counter() - started) * 1000
-        agreed, score = agreement(
-            task.kind, responses.assistant_message(answer), remote, schema=task.output_schema
-        )
-        pair = PairRecord(
-            trace_id=trace.id,
-            task=task.name,
-            adapter=task.adapter,
-            kind=task.kind,
-            agreed=agreed,
-            score=score,
-            local_output=responses.assistant_message(answer),
-            remote_output=remote,
-            features=features,
-            local_ms=result.total_ms,
-            remote_ms=remote_ms,
-        )
-        # SQLite writes and, on promotion, a gate fit: off the event loop.
-        await asyncio.to_thread(self.promoter.record_pair, task, pair)
+        pair = self._shadow_job(body, task, job, remote, (time.perf_counter() - started) * 1000)
+        # The shadow worker's own scoring; SQLite writes and maybe a gate fit: off the event loop.
+        await asyncio.to_thread(self.shadow.compare, pair, result)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
