@@ -16,6 +16,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from slm_agent.contracts.clock import utcnow
+from slm_agent.permissions import private_sqlite
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -86,6 +87,7 @@ class Catalogue:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_sqlite(self.path)  # device token hashes and the batch ledger: the owner's only
         self.conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self.conn.row_factory = sqlite3.Row
         self.conn.execute("PRAGMA journal_mode=WAL")

@@ -35,6 +35,17 @@ def render_chat(messages: list[ChatMessage], fmt: PromptFormat) -> tuple[str, st
     return "".join(prefix_parts), "".join(body_parts)
 
 
+def chat_stop(fmt: PromptFormat) -> list[str]:
+    """A chat answer's stop strings: the format's own, and a new line opening any turn the format
+    writes, so a base model never runs on into turns of its own ('… Assistant: … Assistant: …')."""
+    stops = list(fmt.stop)
+    for turn in (fmt.user, fmt.assistant):
+        cue = turn.split("{content}")[0].strip()
+        if cue and f"\n{cue}" not in stops:
+            stops.append(f"\n{cue}")
+    return stops
+
+
 def task_prompt(
     task: Task, value: str, tools: list[dict[str, Any]] | None, fmt: PromptFormat
 ) -> tuple[str, str, list[str]]:
@@ -68,5 +79,5 @@ def chat_task_prompt(
     prefix, body = render_chat(messages, fmt)
     if tools:
         prefix += fmt.system.format(content=render_tools(tools).rstrip("\n"))
-    stop = ["\n"] if task.kind != "text" else fmt.stop
+    stop = ["\n"] if task.kind != "text" else chat_stop(fmt)
     return prefix, body, stop

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr
 
 from slm_agent.contracts.clock import new_id, utcnow
 
@@ -59,6 +60,23 @@ class TraceRecord(BaseModel):
     )
     match_score: float | None = Field(None, description="The match's cosine (embedding) or 1.0.")
     signature: str | None = Field(None, description="Template signature of a chat request.")
+    constraint_engine: str | None = Field(
+        None, description="What constrained a local answer: llguidance, or gbnf where it fell back."
+    )
+
+    # Fields still being worked out while the call goes on (a content match embedding on the
+    # matcher's thread): the trace writer runs this before the row is written. Not a field:
+    # it never leaves the process.
+    _pending: Callable[[], None] | None = PrivateAttr(default=None)
+
+    def complete_later(self, finish: Callable[[], None]) -> None:
+        self._pending = finish
+
+    def complete(self) -> None:
+        """Run what ``complete_later`` left (once); the writer calls it before the row is written."""
+        finish, self._pending = self._pending, None
+        if finish is not None:
+            finish()
 
 
 class Feedback(BaseModel):

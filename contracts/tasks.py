@@ -6,6 +6,7 @@ of the same name.
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import re
@@ -267,6 +268,18 @@ class TaskRegistry:
         task = self.get(name).model_copy(update={"adapter": adapter})
         self._tasks[name] = task
         return task
+
+    def unbind_adapter(self, adapter: str) -> builtins.list[str]:
+        """Undo ``bind_adapter`` for every task ``adapter`` serves (it was unloaded); returns them.
+
+        A pin in a task file stays: only the user's edit of the file removes it.
+        """
+        names = sorted(name for name, bound in self._bindings.items() if bound == adapter)
+        for name in names:
+            del self._bindings[name]
+        if names:
+            self.reload()
+        return names
 
     def pinned(self, name: str) -> bool:
         task = self.get(name)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from slm_agent.errors import ModelStoreError
-from slm_agent.models.manifest import GGUFInfo
+from slm_agent.models.manifest import ChatTemplate, GGUFInfo
 
 GGUF_MAGIC = b"GGUF"
 
@@ -29,8 +29,9 @@ _SCALARS = {
     12: "<d",
 }
 _STRING, _ARRAY = 8, 9
-# Arrays longer than this (the tokenizer's 262k-entry vocab) are skipped, not decoded: nothing here needs them.
+# Arrays longer than this (the tokenizer's 262k-entry vocab) are skipped unless a caller names them.
 _MAX_DECODED_ARRAY = 64
+_TOKENS = "tokenizer.ggml.tokens"
 
 
 @dataclass
@@ -60,14 +61,14 @@ class _Cursor:
         self.pos += n
         return raw.decode("utf-8", errors="replace")
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int, whole: bool = False) -> Any:
         if vtype in _SCALARS:
             return self.take(_SCALARS[vtype])
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
             etype, count = self.take("<I"), self.take("<Q")
-            if count <= _MAX_DECODED_ARRAY:
+            if whole or count <= _MAX_DECODED_ARRAY:
                 return [self.value(etype) for _ in range(count)]
             if etype in _SCALARS:
                 self.pos += count * struct.calcsize(_SCALARS[etype])
@@ -78,11 +79,11 @@ class _Cursor:
         raise ModelStoreError(f"{self.path} has an unknown GGUF value type {vtype}: corrupt header")
 
 
-def read_header(path: Path) -> GGUFHeader:
+def read_header(path: Path, arrays: frozenset[str] = frozenset()) -> GGUFHeader:
     """Parse a GGUF header (fields and tensor table) without the weights, in milliseconds.
 
     The ``gguf`` package's reader decodes every tokenizer entry (seconds for a 262k vocab);
-    this parser skips what it does not need.
+    this parser skips long arrays other than the ``arrays`` named.
     """
     path = Path(path)
     with path.open("rb") as fh:
@@ -100,7 +101,7 @@ def read_header(path: Path) -> GGUFHeader:
             fields = {}
             for _ in range(n_fields):
                 key = cur.string()
-                fields[key] = cur.value(cur.take("<I"))
+                fields[key] = cur.value(cur.take("<I"), whole=key in arrays)
             tensors = {}
             for _ in range(n_tensors):
                 name = cur.string()
@@ -171,6 +172,30 @@ def read_info(path: Path) -> GGUFInfo:
         head_count_kv=arch_key("attention.head_count_kv"),
         key_length=arch_key("attention.key_length"),
         value_length=arch_key("attention.value_length"),
+    )
+
+
+def read_chat_template(path: Path) -> ChatTemplate | None:
+    """The GGUF's ``tokenizer.chat_template`` with its BOS and EOS token texts; None when it has none."""
+    source = read_header(path).fields.get("tokenizer.chat_template")
+    if not isinstance(source, str) or not source.strip():
+        return None
+    # Decoding the vocabulary costs a few hundred ms: only for a model that has a template.
+    fields = read_header(path, arrays=frozenset({_TOKENS})).fields
+    tokens = fields.get(_TOKENS) or []
+
+    def token(key: str) -> str:
+        index = fields.get(key)
+        return tokens[index] if isinstance(index, int) and 0 <= index < len(tokens) else ""
+
+    return ChatTemplate(
+        source=source,
+        bos_token=token("tokenizer.ggml.bos_token_id"),
+        eos_token=token("tokenizer.ggml.eos_token_id"),
+        # When the key is absent llama.cpp adds BOS for SentencePiece ("llama") vocabularies only.
+        add_bos=bool(
+            fields.get("tokenizer.ggml.add_bos_token", fields.get("tokenizer.ggml.model") == "llama")
+        ),
     )
 
 

@@ -4,7 +4,9 @@
     <store>/<name>/<file>.gguf
 
 Files land through a temporary name and a rename, so a crash never leaves a half-written model
-that looks whole.
+that looks whole. Reads trust nothing in the folder: a name is one path component, a manifest's
+file lies in its own folder, and no symlink is followed out of the store. Errors name the model,
+never a path on this machine, since the daemon echoes them to API callers.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import os
 import shutil
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from slm_agent.errors import ConflictError, ModelStoreError, NotFoundError
-from slm_agent.models.gguf_info import check_adapter_fits, is_adapter, read_info
+from slm_agent.models.gguf_info import check_adapter_fits, is_adapter, read_chat_template, read_info
 from slm_agent.models.hashing import sha256_file
-from slm_agent.models.manifest import ModelKind, ModelManifest, PromptFormat
+from slm_agent.models.manifest import NAME_RE, ModelKind, ModelManifest, PromptFormat, check_name
 from slm_agent.progress import ProgressFn
 
 log = logging.getLogger(__name__)
@@ -46,17 +50,67 @@ class ModelStore:
         return manifests
 
     def has(self, name: str) -> bool:
-        return (self.root / name / MANIFEST).is_file()
+        return bool(NAME_RE.match(name)) and (self.root / name / MANIFEST).is_file()
 
     def get(self, name: str) -> ModelManifest:
-        path = self.root / name / MANIFEST
+        folder = self.root / check_name(name)
+        path = folder / MANIFEST
         if not path.is_file():
             known = ", ".join(m.name for m in self.list()) or "none"
-            raise NotFoundError(f"model {name!r} is not in the store ({self.root}); known models: {known}")
-        return ModelManifest.model_validate_json(path.read_text())
+            raise NotFoundError(f"model {name!r} is not in the store; known models: {known}", param="name")
+        if folder.is_symlink() or path.is_symlink():
+            raise ModelStoreError(f"model {name!r} is a symlink in the store: add the model itself instead")
+        try:
+            manifest = ModelManifest.model_validate_json(path.read_text())
+        except ValidationError as exc:
+            # Field names and rules only: pydantic's own message would echo the offending value.
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {e['msg']}" for e in exc.errors()
+            )
+            raise ModelStoreError(
+                f"the manifest of model {name!r} is invalid ({problems}); add it again"
+            ) from exc
+        if manifest.name != name:
+            raise ModelStoreError(f"the manifest in folder {name!r} names another model, {manifest.name!r}")
+        return manifest
 
     def path_of(self, manifest: ModelManifest) -> Path:
-        return self.root / manifest.name / manifest.file
+        """The model's file, checked to be a regular file inside its own folder of the store."""
+        folder = self.root / manifest.name
+        path = folder / manifest.file
+        if folder.is_symlink() or path.is_symlink():
+            raise ModelStoreError(
+                f"the file of model {manifest.name!r} is a symlink: add the model itself instead"
+            )
+        try:
+            inside = path.resolve(strict=True).parent == folder.resolve(strict=True)
+        except OSError:
+            inside = False  # missing: the caller reports it
+        if not inside and path.exists():
+            raise ModelStoreError(f"the file of model {manifest.name!r} lies outside its folder in the store")
+        return path
+
+    def check_adapter(self, manifest: ModelManifest, base: ModelManifest) -> Path:
+        """The adapter's file, read and checked against ``base`` before llama.cpp gets to see it."""
+        path = self.path_of(manifest)
+        if not path.is_file():
+            raise ModelStoreError(
+                f"the file of adapter {manifest.name!r} is missing from the store; add it again"
+            )
+        if path.stat().st_size != manifest.size:
+            raise ModelStoreError(
+                f"the file of adapter {manifest.name!r} is {path.stat().st_size} bytes, the manifest says "
+                f"{manifest.size}: it is corrupt; add it again"
+            )
+        base_path = self.path_of(base)
+        try:
+            check_adapter_fits(path, read_info(path), base_path, base.info or read_info(base_path))
+        except ModelStoreError as exc:
+            # gguf_info's messages start with a file's absolute path; name the store entries instead.
+            reason = exc.message.replace(str(path), f"{manifest.name}/{manifest.file}")
+            reason = reason.replace(str(base_path), f"{base.name}/{base.file}")
+            raise ModelStoreError(f"adapter {manifest.name!r} cannot be loaded: {reason}") from exc
+        return path
 
     # -- writing ---------------------------------------------------------------------------------
     def add(
@@ -117,7 +171,9 @@ class ModelStore:
             lora_alpha=info.lora_alpha,
             lora_rank=info.lora_rank,
             tasks=tasks or [],
-            prompt_format=(prompt_format or PromptFormat()) if kind is ModelKind.base else None,
+            prompt_format=(prompt_format or PromptFormat(chat_template=read_chat_template(source)))
+            if kind is ModelKind.base
+            else None,
             source=origin or str(source.resolve()),
             info=info,
         )

@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from slm_agent import locations
@@ -20,6 +20,7 @@ from slm_agent.contracts.wire import SyncSettings
 from slm_agent.models.bundled import BUNDLED_NAME
 from slm_agent.models.encoder import default_encoder_dir
 from slm_agent.runtime.remote.settings import RemoteSettings
+from slm_agent.runtime.store.settings import TraceSettings
 
 ENV_PREFIX = "SLM_AGENT_"
 
@@ -58,6 +59,29 @@ class Settings(BaseSettings):
     prefix_cache_size: int = Field(8, ge=0, description="Saved prompt-prefix states kept per daemon (LRU).")
     max_request_bytes: int = Field(1_000_000, ge=1024, description="Largest request body accepted.")
 
+    # -- hostile input -----------------------------------------------------------------------------
+    max_tokens_cap: int = Field(
+        4096, ge=1, description="Most tokens one request may generate, whatever its max_tokens asks."
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=lambda: ["localhost", "127.0.0.1", "::1"],
+        description="Host header names a daemon without a token answers (any port), against DNS "
+        "rebinding from a browser; '*' allows any. Comma-separated on the command line.",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Browser origins allowed to call the API (CORS); empty sends no CORS headers. "
+        "Comma-separated on the command line.",
+    )
+
+    @field_validator("allowed_hosts", "cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        # The CLI flag gives one string: "localhost,myhost.lan".
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
     # -- state -------------------------------------------------------------------------------------
     store_dir: Path = Field(default_factory=locations.default_store_dir, description="Model store folder.")
     db_path: Path = Field(default_factory=locations.default_db_path, description="SQLite trace database.")
@@ -71,6 +95,17 @@ class Settings(BaseSettings):
         64, ge=1, description="Shadow comparisons waiting for an idle engine; the oldest gives way."
     )
 
+    # -- embeddings --------------------------------------------------------------------------------
+    embedding_model: str = Field(
+        "all-minilm-l6-v2", description="Model id /v1/embeddings answers with the encoder at encoder_dir."
+    )
+    embedding_threads: int = Field(
+        2, ge=1, description="CPU threads of the /v1/embeddings encoder (the LLM keeps the others)."
+    )
+    embedding_batch_size: int = Field(
+        32, ge=1, description="Texts per onnxruntime call when embedding a list; bounds peak memory."
+    )
+
     # -- remote ------------------------------------------------------------------------------------
     remote: RemoteSettings = Field(
         default_factory=RemoteSettings, description="Remote LLM providers and escalation budgets."
@@ -79,6 +114,11 @@ class Settings(BaseSettings):
     # -- sync --------------------------------------------------------------------------------------
     sync: SyncSettings = Field(
         default_factory=SyncSettings, description="Shipping traces to a collector and pulling adapters back."
+    )
+
+    # -- traces at rest ----------------------------------------------------------------------------
+    traces: TraceSettings = Field(
+        default_factory=TraceSettings, description="Trace retention, database size limit, redaction at rest."
     )
 
     @model_validator(mode="after")

@@ -11,14 +11,16 @@ from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 import click
 import uvicorn
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from slm_agent.errors import SlmAgentError
 from slm_agent.models import BUNDLED_NAME, ModelStore, ensure_bundled
+from slm_agent.permissions import restrict_umask
 from slm_agent.progress import rich_progress
 from slm_agent.runtime.config import Settings, load_settings
 from slm_agent.runtime.http.app import create_app
 from slm_agent.runtime.http.services import resolve_base
+from slm_agent.runtime.store.retention import RetentionWorker
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -29,12 +31,12 @@ log = logging.getLogger("slm_agent.daemon")
 def settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """One flag per top-level setting, its help taken from the field's description.
 
-    Nested sections (``remote``, ``sync``) are set in the TOML file or with SLM_AGENT_REMOTE__*
-    and SLM_AGENT_SYNC__* variables.
+    Nested sections (``remote``, ``sync``, ``traces``) are set in the TOML file or with
+    SLM_AGENT_REMOTE__*, SLM_AGENT_SYNC__* and SLM_AGENT_TRACES__* variables.
     """
     for name, field in reversed(Settings.model_fields.items()):
         annotation = field.annotation
-        if name in ("remote", "sync"):
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             continue
         flag = "--" + name.replace("_", "-")
         help_text = field.description or ""
@@ -60,6 +62,8 @@ Example usage:
 @settings_options
 def main(**flags: Any) -> None:
     """Serve agent subtasks on a local GGUF model: OpenAI-compatible API, task API, traces."""
+    # Before anything is written: traces, their journals, exports and sync batches hold prompts.
+    restrict_umask()
     flags["adapters"] = list(flags["adapters"]) or None
     try:
         settings = load_settings(**flags)
@@ -94,7 +98,26 @@ def serve(settings: Settings) -> None:
         lifespan="on",
     )
     log.info("slm-agentd listening on http://%s:%d", settings.host, settings.port)
-    _Server(config, app).run()
+    retention = _start_retention(settings, app)
+    try:
+        _Server(config, app).run()
+    finally:
+        if retention:
+            retention.stop()
+
+
+def _start_retention(settings: Settings, app: FastAPI) -> RetentionWorker | None:
+    """The automatic prune, when a retention period or size limit is set (off by default)."""
+    if not (settings.traces.retention_days or settings.traces.max_db_mb):
+        return None
+
+    def busy() -> bool:
+        services = getattr(app.state, "services", None)
+        return services is None or services.engine.serving()
+
+    worker = RetentionWorker(settings.traces, settings.sync, settings.db_path, busy=busy)
+    worker.start()
+    return worker
 
 
 class _Server(uvicorn.Server):

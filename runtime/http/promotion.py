@@ -8,6 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from slm_agent.runtime.http.deps import LoadedServices
+from slm_agent.runtime.http.errors import documented
 from slm_agent.runtime.http.services import Services
 from slm_agent.runtime.shadow.records import TaskState, TaskStateView
 
@@ -31,19 +32,23 @@ def _body(state: TaskState) -> JSONResponse:
     return JSONResponse(state.model_dump(mode="json"))
 
 
-@router.get("/v1/admin/task-states")
+@router.get("/v1/admin/task-states", response_model=list[TaskStateView], responses=documented(503))
 async def task_states(services: LoadedServices) -> JSONResponse:
     views = await asyncio.to_thread(_views, services)
     return JSONResponse([v.model_dump(mode="json") for v in views])
 
 
-@router.post("/v1/admin/tasks/{name}/promote")
+@router.post(
+    "/v1/admin/tasks/{name}/promote", response_model=TaskState, responses=documented(400, 404, 409, 503)
+)
 async def promote(name: str, services: LoadedServices) -> JSONResponse:
     task = services.tasks.get(name)
     return _body(await asyncio.to_thread(services.promoter.promote, task, "manual"))
 
 
-@router.post("/v1/admin/tasks/{name}/demote")
+@router.post(
+    "/v1/admin/tasks/{name}/demote", response_model=TaskState, responses=documented(400, 404, 409, 503)
+)
 async def demote(name: str, services: LoadedServices) -> JSONResponse:
     task = services.tasks.get(name)
     return _body(await asyncio.to_thread(services.promoter.demote, task, "manual"))

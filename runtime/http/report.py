@@ -7,20 +7,26 @@ from datetime import UTC, datetime
 from fastapi import APIRouter, Query
 
 from slm_agent.runtime.http.deps import StartedServices
+from slm_agent.runtime.http.errors import documented
+from slm_agent.runtime.http.monitor import END_SCHEMA, window_end
 from slm_agent.runtime.report import ConversionReport, build_report, parse_since, settings_price
 
 router = APIRouter(tags=["monitor"])
 
 
-@router.get("/v1/report", response_model=ConversionReport)
+@router.get("/v1/report", response_model=ConversionReport, responses=documented(400))
 def get_report(
     services: StartedServices,
     since: str | None = Query(
         None, description="ISO date or time, or a duration back from now (7d, 12h); default the first trace."
     ),
-    until: datetime | None = Query(None, description="Period end (default now); for reproducible views."),
+    until: str | None = Query(
+        None,
+        description="Period end, ISO-8601 (default now); for reproducible views.",
+        json_schema_extra=END_SCHEMA,
+    ),
 ) -> ConversionReport:
-    end = until or datetime.now(UTC)
+    end = window_end(until, "until") or datetime.now(UTC)
     end = end if end.tzinfo else end.replace(tzinfo=UTC)
     return build_report(
         services.traces.reader.conn,

@@ -14,11 +14,13 @@ from slm_agent.models import BUNDLED_NAME, ModelManifest, ModelStore, ensure_bun
 from slm_agent.models.memory import ensure_fits
 from slm_agent.runtime.agents.runs import AgentRunner
 from slm_agent.runtime.config import Settings
+from slm_agent.runtime.embedding.service import EmbeddingService, build_embeddings
 from slm_agent.runtime.engine import Engine, EngineConfig
 from slm_agent.runtime.http.metrics import Metrics
 from slm_agent.runtime.matching.loader import load_encoder
 from slm_agent.runtime.matching.matcher import TaskMatcher
 from slm_agent.runtime.remote.client import RemoteClient
+from slm_agent.runtime.responses_api.service import ResponsesApi
 from slm_agent.runtime.routing.escalation import Escalation
 from slm_agent.runtime.serving.jobs import JobBuilder
 from slm_agent.runtime.serving.local import LocalRunner
@@ -27,6 +29,7 @@ from slm_agent.runtime.shadow.promoter import Promoter
 from slm_agent.runtime.shadow.states import TaskStates
 from slm_agent.runtime.shadow.worker import ShadowWorker
 from slm_agent.runtime.store.events import EventBus
+from slm_agent.runtime.store.responses import ResponseStore
 from slm_agent.runtime.store.spans import SpanStore
 from slm_agent.runtime.store.traces import TraceStore
 from slm_agent.runtime.sync.worker import SyncWorker
@@ -51,6 +54,8 @@ class Services:
     runs: AgentRunner
     promoter: Promoter
     shadow: ShadowWorker
+    embeddings: EmbeddingService
+    responses: ResponsesApi
     load_error: str | None = None
 
 
@@ -86,7 +91,7 @@ def build_services(settings: Settings) -> Services:
             prefix_cache_size=settings.prefix_cache_size,
         )
     )
-    traces = TraceStore(settings.db_path)
+    traces = TraceStore(settings.db_path, store_redacted=settings.traces.store_redacted)
     metrics = Metrics(engine)
     traces.add_listener(
         lambda t: metrics.observe(
@@ -137,6 +142,8 @@ def build_services(settings: Settings) -> Services:
         runs,
         promoter,
         shadow,
+        build_embeddings(settings, remote, metrics.registry),
+        ResponsesApi(escalation, ResponseStore(settings.db_path)),
     )
 
 

@@ -1,6 +1,6 @@
 """Task matching on every chat request: explicit name, template signature, nearest centroid."""
 
 from slm_agent.runtime.matching.loader import load_encoder
-from slm_agent.runtime.matching.matcher import Match, MatchMethod, TaskMatcher
+from slm_agent.runtime.matching.matcher import ContentQuery, Match, MatchMethod, TaskMatcher
 
-__all__ = ["Match", "MatchMethod", "TaskMatcher", "load_encoder"]
+__all__ = ["ContentQuery", "Match", "MatchMethod", "TaskMatcher", "load_encoder"]

@@ -9,7 +9,10 @@ offers no tools (its adapter could not answer it). Only tasks that carry a signa
 centroid take part; declared tasks (the built-ins) are reached by name only.
 
 The request path pays a hash and a dict lookup for a signature match; embedding is done only
-when no signature matched and some task has a centroid, and is cached by content.
+when no signature matched and some task has a centroid, and is cached by content. A caller whose
+routing cannot depend on a content match (no content-matched task answers locally yet) asks for
+it ``later``: the embedding runs on the matcher's own thread while the call goes on, and the
+trace writer waits for it (long since done) before the row is written.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -63,6 +67,16 @@ class _Index:
     calls_tools: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
 
+@dataclass(frozen=True)
+class ContentQuery:
+    """A request no name or signature matched, to match by the embedding of its content."""
+
+    signature: str
+    content: str
+    has_tools: bool
+    index: _Index
+
+
 class TaskMatcher:
     """Matches chat requests to tasks; thread-safe, and never raises on a request.
 
@@ -98,6 +112,7 @@ class TaskMatcher:
         self._last_refresh = clock()
         self._index = _Index(generation=-1)
         self._indexed_generation = -1
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="task-matcher")
         if encoder is None:
             self._degraded(f"matching by signature only: {encoder_problem or 'no encoder configured'}")
         with self._refresh_lock:
@@ -111,6 +126,17 @@ class TaskMatcher:
         response_format: Mapping[str, Any] | None,
         explicit: str | None = None,
     ) -> Match:
+        found = self.by_template(messages, tools, response_format, explicit)
+        return found if isinstance(found, Match) else self.by_content(found)
+
+    def by_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None,
+        response_format: Mapping[str, Any] | None,
+        explicit: str | None = None,
+    ) -> Match | ContentQuery:
+        """The match by name or signature, or what matching by content still has to embed."""
         signature = template_signature(messages, tools, response_format)
         if explicit:
             return Match(task=explicit, method="explicit", score=1.0, signature=signature)
@@ -121,17 +147,36 @@ class TaskMatcher:
         if self.encoder is None or not index.names or (not tools and index.calls_tools.all()):
             return Match(signature=signature)
         content = request_content(messages)
-        vector = self._embedding(content) if content.strip() else None
-        if vector is None or vector.shape[0] != index.centroids.shape[1]:
+        if not content.strip():
             return Match(signature=signature)
+        return ContentQuery(signature=signature, content=content, has_tools=bool(tools), index=index)
+
+    def by_content(self, query: ContentQuery) -> Match:
+        index, unmatched = query.index, Match(signature=query.signature)
+        vector = self._embedding(query.content)
+        if vector is None or vector.shape[0] != index.centroids.shape[1]:
+            return unmatched
         scores = index.centroids @ vector
-        if not tools:  # a tool-calling task cannot answer a request that offers no tool
+        if not query.has_tools:  # a tool-calling task cannot answer a request that offers no tool
             scores = np.where(index.calls_tools, -np.inf, scores)
         best = int(scores.argmax())
         score = float(scores[best])
         if score < float(index.thresholds[best]):
-            return Match(signature=signature)
-        return Match(task=index.names[best], method="embedding", score=round(score, 4), signature=signature)
+            return unmatched
+        return Match(
+            task=index.names[best], method="embedding", score=round(score, 4), signature=query.signature
+        )
+
+    def later(self, query: ContentQuery) -> Future[Match]:
+        """``by_content`` on the matcher's thread: one at a time, as the encoder runs on one core."""
+        return self._worker.submit(self.by_content, query)
+
+    def content_tasks(self) -> tuple[str, ...]:
+        """The tasks a request can match by content (those with a centroid and a threshold)."""
+        return self._current().names
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=False, cancel_futures=True)
 
     def refresh(self) -> bool:
         """Reload the registry if its files changed and reindex; True when the index moved."""

@@ -121,6 +121,15 @@ class RemoteClient:
         response = await self._send(call)
         return self._finish(call, response.json())
 
+    async def aembed(self, body: dict[str, Any]) -> RemoteResult:
+        """``POST /embeddings`` for a model id a provider serves, with the same retries, breaker,
+        budget and redaction as chat."""
+        call = self._prepare(body, False, stream=False, endpoint="embeddings")
+        response = await self._send(call)
+        call.breaker.record_success()
+        payload = response.json()
+        return self._account(call, payload, payload.get("usage") or {}, completion_guess=0)
+
     def astream_chat(self, body: dict[str, Any], *, escalation: bool = False) -> AsyncRemoteStream:
         """The answer streamed (see ``AsyncRemoteStream``); nothing is sent before the first chunk
         is asked for."""
@@ -142,7 +151,9 @@ class RemoteClient:
 
     # -- one call's steps ---------------------------------------------------------------------------
 
-    def _prepare(self, body: dict[str, Any], escalation: bool, *, stream: bool) -> _Call:
+    def _prepare(
+        self, body: dict[str, Any], escalation: bool, *, stream: bool, endpoint: str = "chat/completions"
+    ) -> _Call:
         model = body.get("model")
         provider = self.provider_for(model, escalation=escalation)
         breaker = self._breakers[provider.name]
@@ -173,13 +184,17 @@ class RemoteClient:
                 if upstream is None:
                     raise BadRequestError(f"no model id to send to provider {provider.name!r}", param="model")
                 out["model"] = upstream
-            out["stream"] = stream
-            if stream:
-                out["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+            if endpoint == "chat/completions":
+                out["stream"] = stream
+                if stream:
+                    out["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
             mapping: dict[str, str] = {}
             counts: dict[str, int] = {}
             if provider.redaction != "off":
-                out["messages"], counts = self._redact_messages(body.get("messages") or [], mapping)
+                if endpoint == "embeddings":
+                    out["input"], counts = self._redact_input(body.get("input"), mapping)
+                else:
+                    out["messages"], counts = self._redact_messages(body.get("messages") or [], mapping)
                 if counts and provider.redaction == "refuse":
                     found = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
                     raise BadRequestError(
@@ -190,8 +205,23 @@ class RemoteClient:
         except BaseException:
             breaker.release()  # a half-open probe slot taken above must not leak
             raise
-        url = provider.base_url.rstrip("/") + "/chat/completions"
+        url = provider.base_url.rstrip("/") + "/" + endpoint
         return _Call(provider, breaker, url, headers, out, mapping, counts, time.monotonic())
+
+    def _redact_input(self, value: Any, mapping: dict[str, str]) -> tuple[Any, dict[str, int]]:
+        """Embedding texts redacted like message content (token arrays pass as they are); the
+        embedding of a placeholder needs nothing restored."""
+        texts = [value] if isinstance(value, str) else value
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            return value, {}
+        counts: dict[str, int] = {}
+        out = []
+        for text in texts:
+            r = self._redactor.redact(text, mapping)
+            for kind, n in r.counts.items():
+                counts[kind] = counts.get(kind, 0) + n
+            out.append(r.text)
+        return (out[0] if isinstance(value, str) else out), counts
 
     def _redact_messages(
         self, messages: list[dict[str, Any]], mapping: dict[str, str]
@@ -279,7 +309,9 @@ class RemoteClient:
     ) -> RemoteResult:
         estimated = not usage
         prompt = (
-            int(usage.get("prompt_tokens") or 0) if usage else len(json.dumps(call.body.get("messages"))) // 4
+            int(usage.get("prompt_tokens") or 0)
+            if usage
+            else len(json.dumps(call.body.get("messages", call.body.get("input")))) // 4
         )
         completion = int(usage.get("completion_tokens") or 0) if usage else completion_guess
         p = call.provider

@@ -20,8 +20,11 @@ Every attempt's trace is written once, by the ``TraceRecorder``.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -32,7 +35,7 @@ from slm_agent.contracts.records import TraceRecord
 from slm_agent.contracts.tasks import Task
 from slm_agent.errors import NotFoundError, SlmAgentError, UnavailableError
 from slm_agent.runtime.engine import GenerationResult
-from slm_agent.runtime.matching.matcher import TaskMatcher
+from slm_agent.runtime.matching.matcher import Match, TaskMatcher
 from slm_agent.runtime.remote.client import RemoteClient
 from slm_agent.runtime.remote.settings import RemoteResult
 from slm_agent.runtime.routing.matched import MatchedCalls
@@ -47,6 +50,11 @@ from slm_agent.runtime.serving.local import LocalRunner
 from slm_agent.runtime.serving.recorder import LocalAnswer, TraceRecorder
 from slm_agent.runtime.shadow.promoter import Promoter
 from slm_agent.runtime.shadow.worker import ShadowWorker
+
+log = logging.getLogger(__name__)
+
+# A content match left to run while the call went on is waited for this long at most.
+SETTLE_TIMEOUT_S = 5.0
 
 Publish = Callable[[str, dict[str, Any]], Any]
 AskRemote = Callable[[RouteDecision], Awaitable[Outcome | None]]
@@ -174,22 +182,43 @@ class Escalation:
         with self._rejecting("chat.completions", ctx, body.model, raw):
             features, job, task = self._chat_features(body, ctx)
         trace = job.trace if job else _proxy_trace(body, ctx, self.jobs.base.name)
-        self._match(body, raw, job, trace)
+        self._match(body, raw, job, trace, ctx)
         decision = self.decide(features, trace)
         return Routed(features, decision, trace, job, task, ctx, started, chat=body)
 
     def _match(
-        self, body: ChatCompletionRequest, messages: list[dict[str, Any]], job: Job | None, trace: TraceRecord
+        self,
+        body: ChatCompletionRequest,
+        messages: list[dict[str, Any]],
+        job: Job | None,
+        trace: TraceRecord,
+        ctx: CallContext,
     ) -> None:
-        """Which task this call is, recorded in its trace: explicit > template signature > embedding."""
+        """Which task this call is, recorded in its trace: explicit > template signature > embedding.
+
+        Embedding costs milliseconds, so it is awaited here only when its answer can change the
+        route (a proxied call, and some task matched by content is live); otherwise it runs while
+        the call goes on and the trace writer picks it up."""
         if self.matcher is None:
             return
         explicit = job.target.task.name if job and job.target.task else None
         response_format = body.response_format.model_dump(exclude_none=True) if body.response_format else None
-        match = self.matcher.match(messages, body.tools, response_format, explicit=explicit)
-        trace.signature, trace.match_method, trace.match_score = match.signature, match.method, match.score
-        if job is None and match.task is not None:
-            trace.task = match.task
+        found = self.matcher.by_template(messages, body.tools, response_format, explicit=explicit)
+        if isinstance(found, Match):
+            _record_match(trace, found, job)
+        elif job is None and ctx.route is None and self._live_by_content():
+            _record_match(trace, self.matcher.by_content(found), job)
+        else:
+            trace.signature = found.signature
+            pending = self.matcher.later(found)
+            trace.complete_later(lambda: _record_match(trace, _settled(pending, trace), job))
+
+    def _live_by_content(self) -> bool:
+        """Whether some task a call can match by content answers locally now."""
+        if self.matcher is None or self.matched is None:
+            return False
+        states = self.matched.promoter
+        return any(states.state(name).state == "live" for name in self.matcher.content_tasks())
 
     async def chat(self, routed: Routed) -> Outcome:
         """Carry out a chat decision; every error from here on is traced before it is raised."""
@@ -221,11 +250,12 @@ class Escalation:
             decision = self._offline(trace, attempts)
         if job is None:  # a proxied id with no remote to take it: the base model answers, and says so
             try:
-                job = self.jobs.chat_job(body.model_copy(update={"model": self.jobs.base.name}), ctx)
+                fallback = body.model_copy(update={"model": self.jobs.base.name})
+                built: Job = await asyncio.to_thread(self.jobs.chat_job, fallback, ctx)
             except SlmAgentError as exc:
                 self.recorder.failed(trace, exc, started=started, attempts=attempts)
                 raise
-            job.trace = trace
+            built.trace, job = trace, built
         job.trace.attempts = attempts or None
         reviewable = task is not None and features.task_routing == "auto" and features.route_header is None
         include_usage = bool((body.stream_options or {}).get("include_usage"))
@@ -393,3 +423,18 @@ def _proxy_trace(body: ChatCompletionRequest, ctx: CallContext, base_model: str)
         params=body.model_dump(exclude={"messages", "tools", "model"}, exclude_none=True),
         stream=body.stream,
     )
+
+
+def _record_match(trace: TraceRecord, match: Match, job: Job | None) -> None:
+    trace.signature, trace.match_method, trace.match_score = match.signature, match.method, match.score
+    if job is None and match.task is not None:  # a local job's task is the one it was asked for
+        trace.task = match.task
+
+
+def _settled(pending: Future[Match], trace: TraceRecord) -> Match:
+    """A content match run while the call went on; unmatched when it failed or took too long."""
+    try:
+        return pending.result(timeout=SETTLE_TIMEOUT_S)
+    except Exception:  # an encoder failure or a stuck matcher thread must not lose the trace
+        log.warning("content match of %s not settled; recorded unmatched", trace.id, exc_info=True)
+        return Match(signature=trace.signature or "")

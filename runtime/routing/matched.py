@@ -87,18 +87,21 @@ class MatchedCalls:
         """A proxied call: answered by a live adapter, or by the remote (then shadowed when its
         task's adapter is still being verified)."""
         candidate = self.candidate(trace.task)
-        if candidate is None:
-            return await proxy(decision)
-        task, state = candidate
-        if state.state == "live":
-            answered = await self.live(body, task, state, trace, ctx, recheck)
+        if candidate is not None and candidate[1].state == "live":
+            answered = await self.live(body, *candidate, trace, ctx, recheck)
             if isinstance(answered, Outcome):
                 return answered
             decision = answered
         outcome = await proxy(decision)
-        if outcome is not None and outcome.body is not None and state.state in ("shadow", "demoted"):
+        if outcome is None or outcome.body is None:
+            return outcome
+        # A content match that could not change the route settles when the trace is written:
+        # only now is this call's task known.
+        candidate = candidate or self.candidate(trace.task)
+        if candidate is not None and candidate[1].state in ("shadow", "demoted"):
             remote = (outcome.body.get("choices") or [{}])[0].get("message") or {}
-            self.shadow_remote_answer(body, task, trace, ctx, remote)
+            # Building the adapter's prompt tokenizes it: off the event loop.
+            await asyncio.to_thread(self.shadow_remote_answer, body, candidate[0], trace, ctx, remote)
         return outcome
 
     async def live(
@@ -113,7 +116,7 @@ class MatchedCalls:
         """The adapter's answer, or the decision to let the remote answer this one (reason ``gate``)
         when the gate or the task's contract says so; the caller proxies it."""
         try:
-            job = self.jobs.chat_task_job(body, task, trace, ctx)
+            job = await asyncio.to_thread(self.jobs.chat_task_job, body, task, trace, ctx)
         except SlmAgentError as exc:  # e.g. the prompt does not fit the context: the remote answers
             decision = RouteDecision(
                 route="remote", reason="gate", detail=f"not answerable locally: {exc.message}"

@@ -50,7 +50,7 @@ class Job:
     target: Target
     gen: GenerationRequest
     trace: TraceRecord
-    output_kind: str  # text | json | label | tool_call
+    output_kind: str  # text | json | label | tool_call | tool_text (text or calls in the model's syntax)
     tools: list[dict[str, Any]] | None = None
     started: float = field(default_factory=time.perf_counter)
     # Placeholder -> original, for a job prompted with redacted text (a chat task learned from

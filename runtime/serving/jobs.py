@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from slm_agent.contracts.api import ChatCompletionRequest, CompletionRequest, ModelCard, TaskRequest
-from slm_agent.contracts.prompts import chat_task_prompt, last_user_text, render_chat, task_prompt
+from slm_agent.contracts.prompts import chat_stop, chat_task_prompt, last_user_text, render_chat, task_prompt
 from slm_agent.contracts.records import TraceRecord
 from slm_agent.contracts.tasks import Task, TaskRegistry
 from slm_agent.errors import NotFoundError, SchemaError
@@ -18,6 +18,7 @@ from slm_agent.models.store import ModelStore
 from slm_agent.privacy.redactor import Redactor
 from slm_agent.runtime.config import Settings
 from slm_agent.runtime.engine import Engine, GenerationRequest, grammars
+from slm_agent.runtime.serving import templates
 from slm_agent.runtime.serving.context import TASK_PREFIX, CallContext, Job, Target, new_trace
 
 
@@ -81,6 +82,11 @@ class JobBuilder:
             params={k: v for k, v in params.items() if v is not None},
         )
 
+    def _capped(self, max_tokens: int) -> int:
+        """The server's cap on one answer; ``Engine.prepare`` then cuts it to the context left, so
+        ``max_tokens: 1e9`` ends with ``length``, never holding the engine until the deadline."""
+        return min(max_tokens, self.settings.max_tokens_cap)
+
     def _deadline(self, ctx: CallContext) -> float:
         return time.monotonic() + (ctx.deadline_s or self.settings.request_timeout_s)
 
@@ -90,7 +96,8 @@ class JobBuilder:
         tools = req.tools
         wants_tool = bool(tools) and req.tool_choice != "none"
         forced = _forced_tool(req.tool_choice)
-        if task is None and wants_tool:
+        template = target.prompt_format.chat_template
+        if task is None and wants_tool and template is None:
             task = self.tasks.get("tool_call")
         stop = req.stop_list()
         grammar = None
@@ -106,10 +113,19 @@ class JobBuilder:
                 )
             grammar = grammars.task_grammar(task, task_tools, forced)
             kind, stop, defaults = task.kind, stop or task_stop, task.sampling
+        elif template is not None:
+            # The model's own format: its tools block in, its own call syntax read out of the answer.
+            task_tools = tools if wants_tool else None
+            prefix, body = templates.render(template, req.messages, task_tools)
+            kind, defaults = ("tool_text" if task_tools else "text"), None
+            stop = [*stop, *templates.stop_strings(template)]
+            if task_tools and (forced or req.tool_choice == "required"):
+                # A call it must make is held to the tools' schemas, answered as the bare JSON call.
+                grammar, kind = grammars.tool_call_grammar(task_tools, forced), "tool_call"
         else:
             prefix, body = render_chat(req.messages, target.prompt_format)
             kind, task_tools, defaults = "text", None, None
-            stop = stop or target.prompt_format.stop
+            stop = stop or chat_stop(target.prompt_format)
         if req.response_format and req.response_format.type != "text" and kind == "text":
             kind = "json"
             if req.response_format.type == "json_schema":
@@ -127,7 +143,9 @@ class JobBuilder:
             body=body,
             adapter=target.adapter,
             adapter_scale=_first(req.adapter_scale, target.adapter_scale),
-            max_tokens=req.token_limit() or (defaults.max_tokens if defaults else self.settings.max_tokens),
+            max_tokens=self._capped(
+                req.token_limit() or (defaults.max_tokens if defaults else self.settings.max_tokens)
+            ),
             temperature=_first(req.temperature, defaults.temperature if defaults else None, 0.7),
             top_p=_first(req.top_p, defaults.top_p if defaults else None, 1.0),
             stop=stop,
@@ -188,7 +206,7 @@ class JobBuilder:
             body="",
             adapter=target.adapter,
             adapter_scale=_first(req.adapter_scale, target.adapter_scale),
-            max_tokens=req.token_limit() or self.settings.max_tokens,
+            max_tokens=self._capped(req.token_limit() or self.settings.max_tokens),
             temperature=_first(req.temperature, 0.7),
             top_p=_first(req.top_p, 1.0),
             stop=req.stop_list(),
@@ -215,7 +233,7 @@ class JobBuilder:
             body=body,
             adapter=task.adapter,
             adapter_scale=task.adapter_scale,
-            max_tokens=req.max_tokens or task.sampling.max_tokens,
+            max_tokens=self._capped(req.max_tokens or task.sampling.max_tokens),
             temperature=_first(req.temperature, task.sampling.temperature),
             top_p=task.sampling.top_p,
             stop=stop,

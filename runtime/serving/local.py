@@ -40,7 +40,7 @@ class LocalRunner:
         """Submit now (so a full queue is still a plain 429), then stream the answer as it comes."""
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str] = asyncio.Queue()
-        if job.output_kind != "tool_call":  # a tool call is sent whole, once it parses
+        if job.output_kind not in ("tool_call", "tool_text"):  # a tool call is sent whole, once it parses
             job.gen.on_text = lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)
         try:
             future = self.engine.submit(job.gen)
@@ -82,6 +82,8 @@ class LocalRunner:
                 yield chunks.tool_calls([c.model_dump() for c in answer.tool_calls])
             if chat and not answer.tool_calls:
                 answer.text = result.text
+                if job.output_kind == "tool_text":  # held back in case it was a call: it was not
+                    yield chunks.text(result.text)
             self.recorder.local(job, result, answer)
             # The trace is committed; only now do the last bytes go out.
             yield chunks.finish(finish)

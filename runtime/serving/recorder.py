@@ -28,6 +28,23 @@ class LocalAnswer:
     tool_calls: list[ToolCall] | None = None
 
 
+# Enough of a rejected request's text to see what it was; the rest is cut and says so.
+EXCERPT_CHARS = 4096
+
+
+def excerpt(value: Any) -> Any:
+    """``value`` with every string over ``EXCERPT_CHARS`` cut to its head and marked truncated."""
+    if isinstance(value, str):
+        if len(value) <= EXCERPT_CHARS:
+            return value
+        return f"{value[:EXCERPT_CHARS]}…[truncated: {len(value) - EXCERPT_CHARS} more characters]"
+    if isinstance(value, dict):
+        return {key: excerpt(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [excerpt(item) for item in value]
+    return value
+
+
 def ms_since(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 3)
 
@@ -57,6 +74,7 @@ class TraceRecorder:
             trace.prompt_tokens = result.prompt_tokens
             trace.completion_tokens = result.completion_tokens
             trace.cached_tokens = result.cached_tokens
+            trace.constraint_engine = result.constraint_engine
             trace.queue_ms = round(result.queue_ms, 3)
             trace.ttft_ms = round(result.ttft_ms, 3) if result.ttft_ms is not None else None
             trace.tokens_per_s = round(result.tokens_per_s, 2) if result.tokens_per_s else None
@@ -66,12 +84,12 @@ class TraceRecorder:
         if error is not None:
             self.failed(trace, error)
             return trace
-        return self.traces.insert(trace)
+        return self._insert(trace)
 
     def remote(self, trace: TraceRecord, started: float) -> TraceRecord:
         """A remote answer's trace, already filled in by the routing that made the call."""
         trace.latency_ms = ms_since(started)
-        return self.traces.insert(trace)
+        return self._insert(trace)
 
     def failed(
         self,
@@ -90,7 +108,7 @@ class TraceRecorder:
         if started is not None:
             trace.latency_ms = ms_since(started)
         try:
-            self.traces.insert(trace)
+            self._insert(trace)
         except StorageFullError as exc:
             log.warning("failed request %s not traced: %s", trace.id, exc.message)
             return False
@@ -98,9 +116,16 @@ class TraceRecorder:
             error.trace_id = trace.id
         return True
 
+    def _insert(self, trace: TraceRecord) -> TraceRecord:
+        trace.complete()  # a content match still embedding: done long before the answer is
+        return self.traces.insert(trace)
+
     def rejected(
         self, endpoint: str, ctx: CallContext, model: str | None, request: Any, error: SlmAgentError
     ) -> None:
-        """A request that failed before it could run (unknown model, prompt too long...)."""
-        trace = new_trace(endpoint, ctx, self.base_model, model=model, route="local", request=request)
+        """A request that failed before it could run (unknown model, prompt too long...); its trace
+        keeps an excerpt of each long text, not a hostile client's megabytes."""
+        trace = new_trace(
+            endpoint, ctx, self.base_model, model=model, route="local", request=excerpt(request)
+        )
         self.failed(trace, error)

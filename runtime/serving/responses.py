@@ -24,6 +24,7 @@ from slm_agent.contracts.api import (
 from slm_agent.errors import SchemaError
 from slm_agent.privacy.redactor import restore
 from slm_agent.runtime.engine import GenerationResult
+from slm_agent.runtime.serving import templates
 from slm_agent.runtime.serving.context import Job
 from slm_agent.runtime.serving.recorder import LocalAnswer
 from slm_agent.runtime.serving.sse import DONE, sse
@@ -50,6 +51,9 @@ def parse_output(job: Job, result: GenerationResult) -> tuple[Any, list[ToolCall
         return result.text, None
     if job.output_kind == "label":
         return text, None
+    if job.output_kind == "tool_text":  # a templated model's answer: text, or calls in its own syntax
+        calls = templates.tool_calls(result.text, job.tools)
+        return ([c.function.model_dump() for c in calls], calls) if calls else (result.text, None)
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -238,3 +238,29 @@ def m003_task_matching_and_shadow(db: sqlite_utils.Database) -> None:
         """
     )
     db.execute("CREATE INDEX idx_shadow_pairs_task ON shadow_pairs (task, adapter, seq)")
+
+
+@migration
+def m004_responses(db: sqlite_utils.Database) -> None:
+    # Responses API answers kept for GET and previous_response_id: the conversation answered and
+    # the response, as JSON, linked to the chat trace that produced it.
+    db.execute(
+        """
+        CREATE TABLE responses (
+            id TEXT PRIMARY KEY,
+            created_at TEXT NOT NULL,
+            trace_id TEXT,
+            model TEXT NOT NULL,
+            previous_response_id TEXT,
+            input TEXT NOT NULL,
+            response TEXT NOT NULL
+        )
+        """
+    )
+
+
+@migration
+def m005_constraint_engine(db: sqlite_utils.Database) -> None:
+    # Which engine constrained a local answer (llguidance, or the GBNF fallback): a slow or odd
+    # structured answer is explained by its row.
+    db.execute("ALTER TABLE traces ADD COLUMN constraint_engine TEXT")

@@ -6,7 +6,6 @@ column names, JSON in JSON columns, times in UTC ISO-8601.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -19,6 +18,8 @@ from pydantic import BaseModel
 
 from slm_agent.contracts.records import Feedback, FeedbackRecord, TraceRecord, decode_row, encode_column
 from slm_agent.errors import NotFoundError, StorageFullError
+from slm_agent.permissions import private_sqlite
+from slm_agent.privacy.scrub import Sanitizer
 from slm_agent.runtime.store.migrations import migrate
 from slm_agent.runtime.store.queries import ReadOnlyDb
 
@@ -41,16 +42,26 @@ _TRACE_COLUMNS = [name for name in TraceRecord.model_fields if name != "seq"]
 _INSERT_SQL = (
     f"INSERT INTO traces ({', '.join(_TRACE_COLUMNS)}) VALUES ({', '.join('?' * len(_TRACE_COLUMNS))})"
 )
+# What a caller wrote or a model answered: the columns `store_redacted` keeps only redacted.
+_CONTENT_COLUMNS = ("request", "tools", "params", "response", "output", "tool_calls", "error", "attempts")
 
 
 class TraceStore:
-    """One connection guarded by a lock: writes are tiny, and WAL lets other processes read."""
+    """One connection guarded by a lock: writes are tiny, and WAL lets other processes read.
 
-    def __init__(self, path: Path) -> None:
+    With ``store_redacted`` the secrets and personal data of a trace's content (and of feedback
+    text) are replaced before the row is written, so the raw text never reaches the disk.
+    """
+
+    def __init__(self, path: Path, *, store_redacted: bool = False) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_sqlite(self.path)  # traces hold prompts: readable by their owner only
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         conn.row_factory = sqlite3.Row
+        # Takes effect on a new database (before its first table): retention can then give freed
+        # pages back a few at a time instead of rewriting the whole file.
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         conn.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode survives a crash of this process; only an OS crash could drop the tail.
         conn.execute("PRAGMA synchronous=NORMAL")
@@ -58,9 +69,9 @@ class TraceStore:
         self.db = sqlite_utils.Database(conn)
         self._lock = threading.Lock()
         self._listeners: list[Callable[[TraceRecord], None]] = []
+        self._sanitizer = Sanitizer() if store_redacted else None
         with self._lock:
             migrate(self.db)
-        os.chmod(self.path, 0o600)  # traces hold prompts: readable by their owner only
         # The monitor's and the event replay's queries: they never wait on this store's lock.
         self.reader = ReadOnlyDb(self.path)
 
@@ -75,7 +86,7 @@ class TraceStore:
 
     # -- writes ----------------------------------------------------------------------------------
     @contextmanager
-    def _writing(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[sqlite3.Connection]:
         """One transaction; a full disk becomes a StorageFullError and leaves earlier rows intact."""
         with self._lock:
             conn = self.db.conn
@@ -95,9 +106,10 @@ class TraceStore:
                 raise
 
     def insert(self, trace: TraceRecord) -> TraceRecord:
-        """Commit one trace; returns it with its sequence number."""
+        """Commit one trace; returns it (redacted, with ``store_redacted``) with its sequence number."""
+        trace = self._at_rest(trace)
         values = [encode_column(name, getattr(trace, name)) for name in _TRACE_COLUMNS]
-        with self._writing() as conn:
+        with self.transaction() as conn:
             cur = conn.execute(_INSERT_SQL, values)
             if trace.session_id:
                 conn.execute(
@@ -114,8 +126,10 @@ class TraceStore:
 
     def add_feedback(self, trace_id: str, feedback: Feedback) -> FeedbackRecord:
         self.get(trace_id)
+        if self._sanitizer is not None:
+            feedback = Feedback.model_validate(self._sanitizer.clean(feedback.model_dump()))
         record = FeedbackRecord(trace_id=trace_id, **feedback.model_dump())
-        with self._writing() as conn:
+        with self.transaction() as conn:
             cur = conn.execute(
                 "INSERT INTO feedback (trace_id, created_at, rating, correction, comment, source) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
@@ -130,12 +144,18 @@ class TraceStore:
             )
         return record.model_copy(update={"seq": cur.lastrowid})
 
+    def _at_rest(self, trace: TraceRecord) -> TraceRecord:
+        if self._sanitizer is None:
+            return trace
+        content = {name: getattr(trace, name) for name in _CONTENT_COLUMNS}
+        return trace.model_copy(update=self._sanitizer.clean(content))
+
     def tag_signature(self, signature: str, task: str) -> int:
         """Give a newly accepted task the traces recorded before it existed; returns how many.
 
         Only traces no task claimed yet: an explicit or earlier match is the better witness.
         """
-        with self._writing() as conn:
+        with self.transaction() as conn:
             cur = conn.execute(
                 "UPDATE traces SET task = ?, match_method = 'signature', match_score = 1.0 "
                 "WHERE signature = ? AND task IS NULL",

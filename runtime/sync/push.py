@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Collection, Iterator
@@ -26,6 +27,7 @@ import httpx
 from slm_agent.contracts.records import FeedbackRecord, TraceRecord, decode_row
 from slm_agent.contracts.wire import PushResult, SyncAck, SyncBatch, SyncSettings, serialize_batch
 from slm_agent.errors import BadRequestError, SlmAgentError, UnavailableError
+from slm_agent.permissions import open_private
 from slm_agent.privacy.scrub import Sanitizer
 from slm_agent.runtime.store.traces import TraceStore
 from slm_agent.runtime.sync.state import (
@@ -75,7 +77,7 @@ def push(
 def _push_lock(store: TraceStore, timeout_s: float) -> Iterator[None]:
     """One pusher per trace DB at a time (daemon worker vs. CLI); the OS frees it if we die."""
     path = store.path.with_name(store.path.name + ".sync.lock")
-    with path.open("a") as fh:
+    with os.fdopen(open_private(path, "a"), "a") as fh:
         deadline = time.monotonic() + timeout_s
         while True:
             try:

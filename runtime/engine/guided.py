@@ -1,0 +1,250 @@
+"""Decoding under an llguidance token mask, token by token, in the engine's own loop.
+
+llama.cpp's GBNF sampler checks every one of the 262k vocabulary entries against the grammar on
+each step; llguidance computes the same mask from a token trie in tens of microseconds. The mask
+is written into the context's logits (-inf where disallowed) and llama.cpp's own sampler chain
+then samples, so seeds, temperature and top_p behave as in free decoding. Where the grammar
+allows exactly one continuation its tokens are appended without sampling ("fast-forward") and
+evaluated in the same batch as the sampled token.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from slm_agent.errors import SlmAgentError
+from slm_agent.runtime.engine.constraints import Constraint, limits
+
+log = logging.getLogger(__name__)
+
+# Up to this many non-empty 32-token words of the mask, listing the allowed tokens, filling -inf
+# and putting them back is cheaper than masking the whole vocabulary in place.
+_SPARSE_WORDS = 1024
+
+
+@dataclass
+class GuideCounters:
+    """One request's figures: time spent computing and applying masks, tokens fast-forwarded."""
+
+    mask_ms: list[float] = field(default_factory=list)
+    forced: int = 0
+
+
+class Guide:
+    """The engine's llguidance state: the tokenizer, built once from the model's vocabulary (~2 s,
+    on a thread started at load), and one compiled matcher per grammar, copied for each request."""
+
+    def __init__(self) -> None:
+        self._tokenizer: Any = None
+        self._built = threading.Event()
+        self._error: BaseException | None = None
+        self._templates: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def start(self, vocab: Any) -> None:
+        threading.Thread(target=self._build, args=(vocab,), name="llguidance-tokenizer", daemon=True).start()
+
+    def _build(self, vocab: Any) -> None:
+        started = time.perf_counter()
+        try:
+            self._tokenizer = _tokenizer_from_vocab(vocab)
+            log.info("llguidance tokenizer built in %.2fs", time.perf_counter() - started)
+        except BaseException as exc:  # the engine then samples under GBNF
+            log.exception("could not build the llguidance tokenizer")
+            self._error = exc
+        finally:
+            self._built.set()
+
+    def tokenizer(self, timeout: float = 30.0) -> Any:
+        """The tokenizer, waiting for the build; None when it failed."""
+        self._built.wait(timeout)
+        return self._tokenizer
+
+    def matcher(self, constraint: Constraint) -> Any:
+        """A fresh matcher for ``constraint``; None when llguidance cannot take it (use GBNF)."""
+        import llguidance
+
+        if constraint.llg is None or (tokenizer := self.tokenizer()) is None:
+            return None
+        with self._lock:
+            template = self._templates.get(constraint.key)
+        if template is None:
+            # Built on the caller's thread (LLMatcher drops the GIL), never on the engine's.
+            template = llguidance.LLMatcher(tokenizer, constraint.llg, log_level=0, limits=limits())
+            if template.is_error():
+                log.info("llguidance rejected %r: %s; using GBNF", constraint, template.get_error())
+                constraint.llg = None
+                constraint.gbnf()  # raises SchemaError when GBNF cannot take it either
+                return None
+            with self._lock:
+                if len(self._templates) >= 256:
+                    self._templates.pop(next(iter(self._templates)))
+                self._templates[constraint.key] = template
+        return template.deep_copy()
+
+
+def _tokenizer_from_vocab(vocab: Any) -> Any:
+    """llguidance.llamacpp.lltokenizer_from_vocab, less its deprecated per-token call (which
+    warns 262k times): every token's bytes, control tokens marked with a 0xff prefix."""
+    import ctypes
+
+    import llama_cpp
+    from llguidance import LLTokenizer
+
+    buffer = ctypes.create_string_buffer(16 * 1024 + 1)
+    pieces: list[bytes] = []
+    for token in range(llama_cpp.llama_vocab_n_tokens(vocab)):
+        n = llama_cpp.llama_token_to_piece(vocab, token, buffer, 16 * 1024, 0, True)
+        if n < 0:
+            raise ValueError(f"token {token} does not fit in a 16 KB buffer")
+        piece = buffer.raw[:n]
+        attr = llama_cpp.llama_vocab_get_attr(vocab, token)
+        if attr & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL or (
+            attr & llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED and piece.startswith(b"<") and piece.endswith(b">")
+        ):
+            piece = b"\xff" + piece
+        pieces.append(piece)
+    tokenize = ctypes.cast(llama_cpp.llama_cpp._lib.llama_tokenize, ctypes.c_void_p).value
+    return LLTokenizer.from_llamacpp(  # type: ignore[attr-defined]
+        tokens=pieces,
+        vocab_ptr=vocab,
+        tokenize_fptr=tokenize,
+        eos_token=llama_cpp.llama_vocab_eos(vocab),
+        slices=None,
+    )
+
+
+def guided_tokens(
+    llm: Any,
+    tokens: list[int],
+    matcher: Any,
+    *,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    logprobs: bool,
+    is_eog: Callable[[int], bool],
+    counters: GuideCounters,
+) -> Iterator[tuple[int, float | None]]:
+    """Yield (token, log-probability or None) until the grammar is complete; the caller stops
+    earlier on its own limits. Log-probabilities are under the raw, unmasked distribution."""
+    import llama_cpp
+
+    n_vocab = llm.n_vocab()
+    _prefill(llm, tokens)
+    sampler = llm._init_sampler(top_k=0, top_p=top_p, min_p=0.0, temp=temperature, repeat_penalty=1.0)
+    bitmask = np.full((n_vocab + 31) // 32, -1, dtype=np.int32)
+    # Sample from the raw logits first and compute a mask only when the grammar refuses the token:
+    # inside strings the model's choice is nearly always allowed, and masking 262k logits costs
+    # more than checking one token. Conditioned on acceptance the sample follows the masked
+    # distribution exactly, unless top_p cuts the raw distribution first: then mask up front.
+    optimistic = top_p >= 1.0
+    emitted = 0
+    try:
+        while True:
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(n_vocab,))
+            lse = _logsumexp(logits) if logprobs else 0.0
+            token = sampler.sample(llm._ctx, -1) if optimistic else -1
+            started = time.perf_counter()
+            if token < 0 or matcher.validate_tokens([token]) != 1:
+                matcher.unsafe_compute_mask_ptr(bitmask.ctypes.data, bitmask.nbytes)
+                allowed = _apply_mask(logits, bitmask, n_vocab)
+                if allowed is not None and len(allowed) == 0:
+                    raise SlmAgentError(
+                        f"the output grammar allows no token: {matcher.get_error() or 'dead end'}"
+                    )
+                # One allowed token needs no sampling (and no pass over 262k candidates).
+                token = (
+                    int(allowed[0])
+                    if allowed is not None and len(allowed) == 1
+                    else sampler.sample(llm._ctx, -1)
+                )
+            counters.mask_ms.append((time.perf_counter() - started) * 1000)
+            logprob = float(logits[token]) - lse if logprobs else None
+            if is_eog(token):
+                yield token, logprob
+                return
+            if not matcher.consume_token(token):
+                raise SlmAgentError(f"the sampled token broke the output grammar: {matcher.get_error()}")
+            emitted += 1
+            forced: list[int] = []
+            if not matcher.is_stopped():
+                room = min(max_tokens - emitted, llm.n_batch - 1)
+                forced = matcher.compute_ff_tokens()[: max(0, room)]
+                if forced and not matcher.consume_tokens(forced):
+                    raise SlmAgentError(f"fast-forward broke the output grammar: {matcher.get_error()}")
+            done = matcher.is_stopped() or emitted + len(forced) >= max_tokens
+            forced_logprobs: list[float | None] = [None] * len(forced)
+            if forced and logprobs:
+                forced_logprobs = list(_decode_scored(llm, [token, *forced], n_vocab))
+            elif not done:
+                llm.eval([token, *forced])
+            counters.forced += len(forced)
+            emitted += len(forced)
+            yield token, logprob
+            yield from zip(forced, forced_logprobs, strict=True)
+            if done:
+                return
+    finally:
+        sampler.close()
+
+
+def _prefill(llm: Any, tokens: list[int]) -> None:
+    """Evaluate what of ``tokens`` the context lacks; at least the last one, unless the logits of
+    a live decode of exactly ``tokens`` are still there (as ``Llama.generate`` does)."""
+    held = llm.n_tokens
+    common = 0
+    for a, b in zip(llm.input_ids[:held], tokens, strict=False):
+        if a != b:
+            break
+        common += 1
+    if common == len(tokens) == held and not llm._requires_eval:
+        return
+    llm.n_tokens = min(common, len(tokens) - 1)
+    llm.eval(tokens[llm.n_tokens :])
+
+
+def _apply_mask(logits: np.ndarray, bitmask: np.ndarray, n_vocab: int) -> np.ndarray | None:
+    """Set disallowed logits to -inf in place; return the allowed token ids, or None when they
+    are too many to list cheaply."""
+    words = np.flatnonzero(bitmask)
+    if len(words) <= _SPARSE_WORDS:
+        bits = np.unpackbits(bitmask[words].view(np.uint8), bitorder="little").reshape(-1, 32)
+        row, col = np.nonzero(bits)
+        allowed = words[row] * 32 + col
+        allowed = allowed[allowed < n_vocab]
+        kept = logits[allowed]
+        logits.fill(-np.inf)
+        logits[allowed] = kept
+        return allowed
+    every = np.unpackbits(bitmask.view(np.uint8), count=n_vocab, bitorder="little")
+    np.copyto(logits, -np.inf, where=every == 0)
+    return None
+
+
+def _logsumexp(logits: np.ndarray) -> float:
+    peak = float(logits.max())
+    return peak + math.log(float(np.exp(logits - peak).sum()))
+
+
+def _decode_scored(llm: Any, batch: list[int], n_vocab: int) -> Iterator[float]:
+    """Evaluate ``batch`` with logits at every position; yield the log-probability of each token
+    after the first (the fast-forwarded ones: the shadow gate reads them like sampled ones)."""
+    llm._ctx.kv_cache_seq_rm(-1, llm.n_tokens, -1)
+    n_past = llm.n_tokens
+    llm._batch.set_batch(batch=batch, n_past=n_past, logits_all=True)
+    llm._ctx.decode(llm._batch)
+    llm.input_ids[n_past : n_past + len(batch)] = batch
+    llm.n_tokens += len(batch)
+    llm._requires_eval = False
+    rows = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(batch), n_vocab))
+    for row, token in zip(rows[:-1], batch[1:], strict=True):
+        yield float(row[token]) - _logsumexp(row)
