@@ -48,17 +48,30 @@ class Guide:
         self._error: BaseException | None = None
         self._templates: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def start(self, vocab: Any) -> None:
-        threading.Thread(target=self._build, args=(vocab,), name="llguidance-tokenizer", daemon=True).start()
+        self._thread = threading.Thread(
+            target=self._build, args=(vocab,), name="llguidance-tokenizer", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop a build still reading the vocabulary and wait for it: the engine frees the model
+        next, and a thread still reading its vocabulary would then crash the process."""
+        self._cancel.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     def _build(self, vocab: Any) -> None:
         started = time.perf_counter()
         try:
-            self._tokenizer = _tokenizer_from_vocab(vocab)
+            self._tokenizer = _tokenizer_from_vocab(vocab, self._cancel)
             log.info("llguidance tokenizer built in %.2fs", time.perf_counter() - started)
         except BaseException as exc:  # the engine then samples under GBNF
-            log.exception("could not build the llguidance tokenizer")
+            if not self._cancel.is_set():
+                log.exception("could not build the llguidance tokenizer")
             self._error = exc
         finally:
             self._built.set()
@@ -91,7 +104,7 @@ class Guide:
         return template.deep_copy()
 
 
-def _tokenizer_from_vocab(vocab: Any) -> Any:
+def _tokenizer_from_vocab(vocab: Any, cancel: threading.Event) -> Any:
     """llguidance.llamacpp.lltokenizer_from_vocab, less its deprecated per-token call (which
     warns 262k times): every token's bytes, control tokens marked with a 0xff prefix."""
     import ctypes
@@ -102,6 +115,8 @@ def _tokenizer_from_vocab(vocab: Any) -> Any:
     buffer = ctypes.create_string_buffer(16 * 1024 + 1)
     pieces: list[bytes] = []
     for token in range(llama_cpp.llama_vocab_n_tokens(vocab)):
+        if token % 4096 == 0 and cancel.is_set():
+            raise RuntimeError("the engine shut down while the llguidance tokenizer was being built")
         n = llama_cpp.llama_token_to_piece(vocab, token, buffer, 16 * 1024, 0, True)
         if n < 0:
             raise ValueError(f"token {token} does not fit in a 16 KB buffer")

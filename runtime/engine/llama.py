@@ -136,6 +136,7 @@ class Engine:
         self._queue.put(None)
         if self._worker:
             self._worker.join(timeout)
+        self._guide.stop()
         with self._lock:
             for name in list(self.adapters):
                 self._free_adapter(name)
