@@ -174,6 +174,34 @@ def test_tool_calls(daemon: Daemon, client: openai.OpenAI) -> None:
     assert row["task"] == "tool_call"
 
 
+def test_an_agent_loop_ends_with_an_answer_after_the_tool_result(client: openai.OpenAI) -> None:
+    """call -> result -> final answer, with tools still offered and tool_choice left at auto."""
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "Is it cold in Oslo?"}]
+    first = client.chat.completions.create(model=BUNDLED_NAME, messages=messages, tools=TOOLS)  # type: ignore[arg-type]
+    call = first.choices[0].message.tool_calls[0]  # type: ignore[index]
+    messages += [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": -3, "sky": "snow"}'},
+    ]
+    final = client.chat.completions.create(
+        model=BUNDLED_NAME,
+        messages=messages,
+        tools=TOOLS,
+        max_tokens=40,  # type: ignore[arg-type]
+    )
+    choice = final.choices[0]
+    assert not choice.message.tool_calls and choice.finish_reason in {"stop", "length"}
+    assert (choice.message.content or "").strip() and "Assistant:" not in (choice.message.content or "")
+    none = client.chat.completions.create(
+        model=BUNDLED_NAME,
+        messages=messages[:1],
+        tools=TOOLS,
+        tool_choice="none",
+        max_tokens=20,  # type: ignore[arg-type]
+    )
+    assert not none.choices[0].message.tool_calls and none.choices[0].message.content
+
+
 def test_tool_call_stream_sends_whole_call(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
         model=BUNDLED_NAME,

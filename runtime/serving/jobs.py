@@ -94,9 +94,14 @@ class JobBuilder:
         target = self.resolve(req.model, ctx)
         task = target.task
         tools = req.tools
-        wants_tool = bool(tools) and req.tool_choice != "none"
         forced = _forced_tool(req.tool_choice)
         template = target.prompt_format.chat_template
+        wants_tool = bool(tools) and req.tool_choice != "none"
+        if wants_tool and template is None and req.tool_choice in (None, "auto") and _answers_a_result(req):
+            # A base with no tool format of its own (the bundled one) cannot weigh calling again
+            # against answering: measured, it either calls the same tool forever or never calls.
+            # Its turn after a tool result is the agent loop's final answer, in text.
+            wants_tool = False
         if task is None and wants_tool and template is None:
             task = self.tasks.get("tool_call")
         stop = req.stop_list()
@@ -248,6 +253,11 @@ class JobBuilder:
         trace.tools = tools
         self.engine.prepare(gen)
         return Job("tasks", target, gen, trace, task.kind, tools)
+
+
+def _answers_a_result(req: ChatCompletionRequest) -> bool:
+    """Whether this turn follows a tool's result (the agent loop's call came back)."""
+    return bool(req.messages) and req.messages[-1].role == "tool"
 
 
 def _forced_tool(choice: str | dict[str, Any] | None) -> str | None:
