@@ -179,12 +179,15 @@ def main() -> None:
             time.sleep(2)  # let start-up work (encoder, first trace writes) settle before the anchor
             with Poller(daemon.url) as idle:
                 time.sleep(5)
+            idle_rss = daemon.rss_mb()
             cases = fixed_cases() + junk_cases(rng, JUNK)
             started = time.perf_counter()
             with Poller(daemon.url) as busy:
                 statuses, dropped = send_all(daemon.url, cases)
             elapsed = time.perf_counter() - started
             alive = httpx.get(f"{daemon.url}/healthz", timeout=5).status_code
+            time.sleep(2)  # steady state: what the run left behind, not what it held mid-request
+            after_rss = daemon.rss_mb()
         finally:
             daemon.stop()
     errors_5xx = sum(n for status, n in statuses.items() if status >= 500)
@@ -203,6 +206,7 @@ def main() -> None:
         for x in (busy.latencies, idle.latencies)
     )
     row("healthz p99 ms under hostile load (vs idle)", p99, idle_p99, p99 / idle_p99, "-", "{:.1f}")
+    row("RSS MB after the run (vs idle)", after_rss, idle_rss, after_rss / idle_rss, "<= 1.15x", "{:.0f}")
     print("| figure | value | anchor (same run) | ratio | target |")
     print("|---|---|---|---|---|")
     for r in ROWS:
