@@ -5,6 +5,7 @@ build the prompt, grammar and sampling. Plain Python; nothing here runs the engi
 from __future__ import annotations
 
 import json
+import threading
 import time
 from typing import Any
 
@@ -36,6 +37,7 @@ class JobBuilder:
         self.base = base
         self.engine = engine
         self.tasks = tasks
+        self._loading = threading.Lock()  # two first requests of one adapter load it once
         self._redactor = Redactor()
 
     # -- catalogue -------------------------------------------------------------------------------
@@ -60,10 +62,24 @@ class JobBuilder:
             return Target(model_id, task, task.adapter, task.adapter_scale, task.prompt_format or fmt)
         if model_id == self.base.name:
             return Target(model_id, None, None, 1.0, fmt)
-        if model_id in self.engine.adapters:
+        if model_id in self.engine.adapters or self._load_on_first_use(model_id):
             return Target(model_id, None, model_id, 1.0, fmt)
         known = ", ".join(c.id for c in self.model_cards())
         raise NotFoundError(f"the model {model_id!r} does not exist here; available: {known}", param="model")
+
+    def _load_on_first_use(self, model_id: str) -> bool:
+        """Load an adapter of this base that the store holds (so `/v1/models` lists it) but nothing
+        has loaded yet; False when the store has no such adapter. Runs on a request thread: it
+        waits for the engine between two generations, never on the event loop."""
+        if not self.store.has(model_id):
+            return False
+        manifest = self.store.get(model_id)
+        if manifest.kind != "lora-adapter" or manifest.base != self.base.name:
+            return False
+        with self._loading:
+            if model_id not in self.engine.adapters:
+                self.engine.load_adapter(model_id, self.store.check_adapter(manifest, self.base))
+        return True
 
     # -- building jobs ---------------------------------------------------------------------------
     def _trace(
