@@ -153,4 +153,12 @@ def limits() -> Any:
     the engine on one token's mask."""
     import llguidance
 
-    return llguidance.LLParserLimits(step_lexer_fuel=200_000, step_max_items=50_000, max_grammar_size=500_000)
+    # Above the defaults for wide objects: a flat object of 1,100 optional properties needs twice
+    # the initial lexer fuel (~40 ms, spent on the request's thread) and ~4,400 items in a row.
+    return llguidance.LLParserLimits(
+        max_items_in_row=10_000,
+        initial_lexer_fuel=2_000_000,
+        step_lexer_fuel=200_000,
+        step_max_items=50_000,
+        max_grammar_size=500_000,
+    )

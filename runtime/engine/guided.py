@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from slm_agent.errors import SlmAgentError
+from slm_agent.errors import SchemaError, SlmAgentError
 from slm_agent.runtime.engine.constraints import Constraint, limits
 
 log = logging.getLogger(__name__)
@@ -188,14 +188,14 @@ def guided_tokens(
                 yield token, logprob
                 return
             if not matcher.consume_token(token):
-                raise SlmAgentError(f"the sampled token broke the output grammar: {matcher.get_error()}")
+                raise _grammar_error("the sampled token", matcher)
             emitted += 1
             forced: list[int] = []
             if not matcher.is_stopped():
                 room = min(max_tokens - emitted, llm.n_batch - 1)
                 forced = matcher.compute_ff_tokens()[: max(0, room)]
                 if forced and not matcher.consume_tokens(forced):
-                    raise SlmAgentError(f"fast-forward broke the output grammar: {matcher.get_error()}")
+                    raise _grammar_error("fast-forward", matcher)
             done = matcher.is_stopped() or emitted + len(forced) >= max_tokens
             forced_logprobs: list[float | None] = [None] * len(forced)
             if forced and logprobs:
@@ -263,3 +263,13 @@ def _decode_scored(llm: Any, batch: list[int], n_vocab: int) -> Iterator[float]:
     rows = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(batch), n_vocab))
     for row, token in zip(rows[:-1], batch[1:], strict=True):
         yield float(row[token]) - _logsumexp(row)
+
+
+def _grammar_error(what: str, matcher: Any) -> SchemaError:
+    """The parser gave up mid-answer (a limit a huge schema reaches, or a broken grammar): the
+    schema's fault, said in one line. llguidance's own message dumps its state and the whole
+    grammar, which would echo megabytes of schema back."""
+    first = (matcher.get_error() or "unknown error").strip().splitlines()[0][:300]
+    return SchemaError(
+        f"{what} could not continue under the output grammar: {first}", param="response_format"
+    )
