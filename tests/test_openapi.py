@@ -116,7 +116,7 @@ def small_daemon(tmp_path_factory: pytest.TempPathFactory, shared_store: ModelSt
     d.stop()
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # about a minute on 2 cores
 def test_schemathesis_finds_nothing(small_daemon: Daemon, tmp_path: Path) -> None:
     config = tmp_path / "schemathesis.toml"
     config.write_text(SCHEMATHESIS_CONFIG)

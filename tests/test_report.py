@@ -210,6 +210,14 @@ def test_parse_since() -> None:
     assert parse_since("2025-06-01T09:30:00+02:00", END) == datetime(2025, 6, 1, 7, 30, tzinfo=UTC)
     with pytest.raises(BadRequestError, match="duration"):
         parse_since("last week", END)
+    # Found by schemathesis (#16): a huge duration was a 500, a period of millennia took seconds.
+    with pytest.raises(BadRequestError, match="before the year 1"):
+        parse_since("99999999999w", END)
+
+
+def test_period_over_a_century_is_refused(db: Path) -> None:
+    with pytest.raises(BadRequestError, match="over a century"):
+        report_of(db, since=datetime(1, 1, 1, tzinfo=UTC))
 
 
 def test_an_empty_or_unmigrated_database(tmp_path: Path) -> None:

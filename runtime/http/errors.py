@@ -67,7 +67,7 @@ _MEANINGS = {
     404: "Unknown model, task, adapter, trace, run or response",
     409: "Conflict: the state does not allow it (a task with no adapter, a run past its limits)",
     413: "The request body, or the prompt for the context window, is too large",
-    422: "The JSON schema is invalid or unsatisfiable",
+    422: "The JSON schema is invalid or unsatisfiable, or the answer did not satisfy it",
     429: "The engine's queue is full; retry after Retry-After seconds",
     502: "The remote LLM failed",
     503: "The model is loading, failed to load, or the daemon is shutting down (Retry-After when known)",
@@ -76,9 +76,11 @@ _MEANINGS = {
 }
 # The guard answers these on every route before the route runs (401 only where a token is set).
 GUARDED = (401, 403)
-
-
 _ERROR_SCHEMA = {"$ref": "#/components/schemas/ErrorResponse"}
+_RETRY_AFTER = {
+    "description": "Seconds to wait before retrying (a 503 sends it when known)",
+    "schema": {"type": "integer"},
+}
 
 
 def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -86,10 +88,13 @@ def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
     Named as JSON content, not as ``model``: FastAPI would file a model under the route's own media
     type, and errors are JSON on /metrics and the SSE routes too."""
-    return {
+    declared: dict[int | str, dict[str, Any]] = {
         status: {"description": _MEANINGS[status], "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
         for status in sorted({*GUARDED, *statuses})
     }
+    for status in {429, 503} & declared.keys():
+        declared[status]["headers"] = {"Retry-After": _RETRY_AFTER}
+    return declared
 
 
 # A client that hangs up before its answer is traced as 499; nobody is left to read the response.

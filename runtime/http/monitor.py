@@ -94,7 +94,7 @@ def get_traces(
     return query_traces(services.traces.reader.conn, f)
 
 
-@router.get("/v1/traces/{trace_id}", response_model=TraceDetail, responses=documented(400, 404))
+@router.get("/v1/traces/{trace_id}", response_model=TraceDetail, responses=documented(404))
 def get_trace(services: StartedServices, trace_id: str) -> TraceDetail:
     return query_trace(services.traces.reader.conn, trace_id)
 
@@ -104,7 +104,7 @@ def get_runs(services: StartedServices, limit: int = Query(100, ge=1, le=500)) -
     return query_runs(services.traces.reader.conn, limit)
 
 
-@router.get("/v1/runs/{run_id}", response_model=RunDetail, responses=documented(400, 404))
+@router.get("/v1/runs/{run_id}", response_model=RunDetail, responses=documented(404))
 def get_run(services: StartedServices, run_id: str) -> RunDetail:
     return query_run(services.traces.reader.conn, run_id)
 

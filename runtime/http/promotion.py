@@ -38,17 +38,13 @@ async def task_states(services: LoadedServices) -> JSONResponse:
     return JSONResponse([v.model_dump(mode="json") for v in views])
 
 
-@router.post(
-    "/v1/admin/tasks/{name}/promote", response_model=TaskState, responses=documented(400, 404, 409, 503)
-)
+@router.post("/v1/admin/tasks/{name}/promote", response_model=TaskState, responses=documented(404, 409, 503))
 async def promote(name: str, services: LoadedServices) -> JSONResponse:
     task = services.tasks.get(name)
     return _body(await asyncio.to_thread(services.promoter.promote, task, "manual"))
 
 
-@router.post(
-    "/v1/admin/tasks/{name}/demote", response_model=TaskState, responses=documented(400, 404, 409, 503)
-)
+@router.post("/v1/admin/tasks/{name}/demote", response_model=TaskState, responses=documented(404, 409, 503))
 async def demote(name: str, services: LoadedServices) -> JSONResponse:
     task = services.tasks.get(name)
     return _body(await asyncio.to_thread(services.promoter.demote, task, "manual"))

@@ -24,6 +24,6 @@ async def create_response(body: ResponseRequest, services: ReadyServices, ctx: C
     return respond(await services.responses.create(body, ctx))
 
 
-@router.get("/v1/responses/{response_id}", responses=documented(400, 404))
+@router.get("/v1/responses/{response_id}", responses=documented(404))
 async def get_response(response_id: str, services: StartedServices) -> ResponseObject:
     return services.responses.get(response_id)

@@ -15,13 +15,18 @@ _UNITS = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(day
 BUCKET_S: dict[Granularity, int] = {"hour": 3600, "day": 86400}
 # Up to three days plot by the hour (at most 72 points), longer periods by the day.
 HOURLY_UP_TO = timedelta(days=3)
+# A century of days: a longer period is a typo (since=0001-01-01) that would cost seconds of CPU.
+MAX_BUCKETS = 36_525
 
 
 def parse_since(text: str, now: datetime) -> datetime:
     """``7d``, ``12h``, ``30m``, ``2w`` back from ``now``; or an ISO date/time (UTC unless it says)."""
     match = _DURATION.match(text)
     if match:
-        return now - float(match.group(1)) * _UNITS[match.group(2)]
+        try:
+            return now - float(match.group(1)) * _UNITS[match.group(2)]
+        except OverflowError:
+            raise BadRequestError(f"since {text!r} reaches back before the year 1", param="since") from None
     try:
         when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
@@ -42,4 +47,9 @@ def bucket_starts(since: datetime, until: datetime, grain: Granularity) -> list[
     width = BUCKET_S[grain]
     first = math.floor(since.timestamp() / width) * width
     count = max(1, math.ceil((until.timestamp() - first) / width))
+    if count > MAX_BUCKETS:
+        raise BadRequestError(
+            f"the period from {since.date()} to {until.date()} is over a century: narrow since or until",
+            param="since",
+        )
     return [first + i * width for i in range(count)]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 from slm_agent.contracts.clock import utcnow
 from slm_agent.runtime.shadow.gate import Gate
 from slm_agent.runtime.shadow.records import PairRecord, PairStats, StateName, TaskState, Transition
+from slm_agent.runtime.store.connection import LockedConnection
 
 log = logging.getLogger(__name__)
 
@@ -30,19 +30,13 @@ def _no_event(kind: str, data: dict[str, Any]) -> None:
     return None
 
 
-class TaskStates:
+class TaskStates(LockedConnection):
     def __init__(self, db_path: Path, on_event: EventFn = _no_event) -> None:
-        self._conn = sqlite3.connect(Path(db_path), check_same_thread=False, isolation_level=None, timeout=30)
-        self._conn.row_factory = sqlite3.Row
-        self._lock = threading.Lock()
+        super().__init__(db_path)
         self._on_event = on_event
         with self._lock:
             rows = self._conn.execute("SELECT * FROM task_states").fetchall()
         self._states = {row["task"]: _state_from_row(row) for row in rows}
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
 
     # -- states ----------------------------------------------------------------------------------
     def state(self, task: str) -> TaskState:

@@ -11,9 +11,6 @@ Its own connection to the same WAL database, as the span store has.
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -21,6 +18,7 @@ from pydantic import BaseModel, Field
 from slm_agent.contracts.clock import utcnow
 from slm_agent.contracts.responses_api import ResponseObject
 from slm_agent.errors import NotFoundError
+from slm_agent.runtime.store.connection import LockedConnection
 
 
 class StoredResponse(BaseModel):
@@ -40,16 +38,7 @@ class StoredResponse(BaseModel):
 _COLUMNS = list(StoredResponse.model_fields)
 
 
-class ResponseStore:
-    def __init__(self, path: Path) -> None:
-        self._conn = sqlite3.connect(Path(path), check_same_thread=False, isolation_level=None, timeout=30)
-        self._conn.row_factory = sqlite3.Row
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
+class ResponseStore(LockedConnection):
     def save(self, stored: StoredResponse) -> None:
         values = [
             stored.response.model_dump_json()

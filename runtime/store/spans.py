@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -17,6 +15,7 @@ from pydantic import BaseModel, Field
 from slm_agent.contracts.clock import new_id, utcnow
 from slm_agent.contracts.records import decode_row
 from slm_agent.errors import NotFoundError
+from slm_agent.runtime.store.connection import LockedConnection
 
 SPAN_JSON_COLUMNS = ("input", "output")
 
@@ -44,16 +43,7 @@ class Span(BaseModel):
 _COLUMNS = [n for n in Span.model_fields if n != "seq"]
 
 
-class SpanStore:
-    def __init__(self, path: Path) -> None:
-        self._conn = sqlite3.connect(Path(path), check_same_thread=False, isolation_level=None, timeout=30)
-        self._conn.row_factory = sqlite3.Row
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
+class SpanStore(LockedConnection):
     def save(self, span: Span) -> Span:
         """Insert the span, or update it when its id is already stored."""
         values = [
