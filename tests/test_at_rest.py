@@ -251,6 +251,49 @@ def test_store_redacted_keeps_no_raw_email_or_secret_on_disk(rest_daemon: Daemon
         assert EMAIL.encode() not in data and SECRET.encode() not in data, f"raw text in {file.name}"
 
 
+def test_store_redacted_covers_spans_shadow_pairs_and_stored_responses(tmp_path: Path) -> None:
+    """Every table that quotes a prompt or an answer keeps the redacted form, not only traces."""
+    from slm_agent.contracts.responses_api import ResponseObject
+    from slm_agent.runtime.shadow.records import PairRecord
+    from slm_agent.runtime.shadow.states import TaskStates
+    from slm_agent.runtime.store.responses import ResponseStore, StoredResponse
+    from slm_agent.runtime.store.spans import Span, SpanStore
+
+    db = tmp_path / "traces.db"
+    TraceStore(db).close()  # creates the tables
+    text = f"Write to {EMAIL} with the key {SECRET}"
+    spans = SpanStore(db, store_redacted=True)
+    spans.save(Span(run_id="run_1", kind="task", input={"text": text}, output=text))
+    states = TaskStates(db, store_redacted=True)
+    message = {"role": "assistant", "content": text}
+    states.add_pair(
+        PairRecord(
+            trace_id="tr_1", task="t", kind="text", agreed=True, local_output=message, remote_output=message
+        )
+    )
+    responses = ResponseStore(db, store_redacted=True)
+    responses.save(
+        StoredResponse(
+            id="resp_1",
+            model="m",
+            input=[{"role": "user", "content": text}],
+            response=ResponseObject(model="m"),
+        )
+    )
+    for store in (spans, states, responses):
+        store.close()
+    for file in (db, db.with_name(db.name + "-wal")):
+        data = file.read_bytes() if file.exists() else b""
+        assert EMAIL.encode() not in data and SECRET.encode() not in data, f"raw text in {file.name}"
+    conn = sqlite3.connect(db)
+    try:
+        assert "<EMAIL_1>" in conn.execute("SELECT input FROM spans").fetchone()[0]
+        assert "<EMAIL_1>" in conn.execute("SELECT remote_output FROM shadow_pairs").fetchone()[0]
+        assert "<EMAIL_1>" in conn.execute("SELECT input FROM responses").fetchone()[0]
+    finally:
+        conn.close()
+
+
 # -- retention -------------------------------------------------------------------------------------
 
 

@@ -91,7 +91,8 @@ def build_services(settings: Settings) -> Services:
             prefix_cache_size=settings.prefix_cache_size,
         )
     )
-    traces = TraceStore(settings.db_path, store_redacted=settings.traces.store_redacted)
+    redacted = settings.traces.store_redacted  # every table that quotes prompts keeps the same form
+    traces = TraceStore(settings.db_path, store_redacted=redacted)
     metrics = Metrics(engine)
     traces.add_listener(
         lambda t: metrics.observe(
@@ -112,7 +113,7 @@ def build_services(settings: Settings) -> Services:
         on_event=events.publish,
         on_new_signature=traces.tag_signature,
     )
-    promoter = Promoter(TaskStates(settings.db_path, on_event=events.publish))
+    promoter = Promoter(TaskStates(settings.db_path, on_event=events.publish, store_redacted=redacted))
     shadow = ShadowWorker(engine, promoter, events.publish, capacity=settings.shadow_queue)
     metrics.watch_shadow(promoter, shadow)
     escalation = Escalation(
@@ -125,7 +126,7 @@ def build_services(settings: Settings) -> Services:
         promoter=promoter,
         shadow=shadow,
     )
-    runs = AgentRunner(escalation, SpanStore(settings.db_path), events.publish)
+    runs = AgentRunner(escalation, SpanStore(settings.db_path, store_redacted=redacted), events.publish)
     return Services(
         settings,
         store,
@@ -143,7 +144,7 @@ def build_services(settings: Settings) -> Services:
         promoter,
         shadow,
         build_embeddings(settings, remote, metrics.registry),
-        ResponsesApi(escalation, ResponseStore(settings.db_path)),
+        ResponsesApi(escalation, ResponseStore(settings.db_path, store_redacted=redacted)),
     )
 
 

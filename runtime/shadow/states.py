@@ -31,8 +31,8 @@ def _no_event(kind: str, data: dict[str, Any]) -> None:
 
 
 class TaskStates(LockedConnection):
-    def __init__(self, db_path: Path, on_event: EventFn = _no_event) -> None:
-        super().__init__(db_path)
+    def __init__(self, db_path: Path, on_event: EventFn = _no_event, *, store_redacted: bool = False) -> None:
+        super().__init__(db_path, store_redacted=store_redacted)
         self._on_event = on_event
         with self._lock:
             rows = self._conn.execute("SELECT * FROM task_states").fetchall()
@@ -121,7 +121,9 @@ class TaskStates(LockedConnection):
     # -- pairs -----------------------------------------------------------------------------------
     def add_pair(self, pair: PairRecord, window: int = 20) -> PairStats:
         """Store a scored pair; the tally of its task and adapter afterwards."""
-        values = [_encode(name, getattr(pair, name)) for name in _PAIR_COLUMNS]
+        row = {name: getattr(pair, name) for name in _PAIR_COLUMNS}
+        row |= self.at_rest({k: row[k] for k in ("local_output", "remote_output", "error")})
+        values = [_encode(name, row[name]) for name in _PAIR_COLUMNS]
         with self._lock:
             cursor = self._conn.execute(
                 f"INSERT INTO shadow_pairs ({', '.join(_PAIR_COLUMNS)}) "

@@ -40,6 +40,10 @@ _COLUMNS = list(StoredResponse.model_fields)
 
 class ResponseStore(LockedConnection):
     def save(self, stored: StoredResponse) -> None:
+        content = self.at_rest({"input": stored.input, "response": stored.response.model_dump()})
+        stored = stored.model_copy(
+            update={"input": content["input"], "response": ResponseObject.model_validate(content["response"])}
+        )
         values = [
             stored.response.model_dump_json()
             if name == "response"

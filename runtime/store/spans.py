@@ -46,9 +46,10 @@ _COLUMNS = [n for n in Span.model_fields if n != "seq"]
 class SpanStore(LockedConnection):
     def save(self, span: Span) -> Span:
         """Insert the span, or update it when its id is already stored."""
+        row = {n: getattr(span, n) for n in _COLUMNS}
+        row |= self.at_rest({"input": span.input, "output": span.output, "error": span.error})
         values = [
-            json.dumps(getattr(span, n), ensure_ascii=False) if n in SPAN_JSON_COLUMNS else getattr(span, n)
-            for n in _COLUMNS
+            json.dumps(row[n], ensure_ascii=False) if n in SPAN_JSON_COLUMNS else row[n] for n in _COLUMNS
         ]
         updates = ", ".join(
             f"{n} = excluded.{n}" for n in _COLUMNS if n not in ("id", "run_id", "started_at")
