@@ -88,7 +88,9 @@ def daemon_app(store: TraceStore, model_store: ModelStore, tmp_path: Path) -> It
         store_dir=model_store.root, db_path=store.path, tasks_dir=tasks_dir, n_threads=2, n_ctx=2048
     )
     app = create_daemon_app(settings)
-    with TestClient(app) as client:  # runs the lifespan: services built, weights loading meanwhile
+    with TestClient(
+        app, base_url="http://localhost"
+    ) as client:  # runs the lifespan: services built, weights loading meanwhile
         deadline = time.monotonic() + 60
         while client.get("/healthz").json().get("adapters") != ["extract-fields-v3"]:
             assert time.monotonic() < deadline, client.get("/healthz").text
@@ -98,7 +100,7 @@ def daemon_app(store: TraceStore, model_store: ModelStore, tmp_path: Path) -> It
 
 @pytest.fixture
 def daemon_source(daemon_app: FastAPI) -> DaemonSource:
-    return DaemonSource("http://daemon", transport=httpx.ASGITransport(app=daemon_app), end=END)
+    return DaemonSource("http://localhost", transport=httpx.ASGITransport(app=daemon_app), end=END)
 
 
 # -- SQL, no UI ------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ class MetricCard(Vertical):
     def __init__(self, title: str, *, id: str, tooltip: str | None = None) -> None:
         super().__init__(id=id)
         self._title = title
+        self._latest: tuple[str, list[float], bool] | None = None
         if tooltip:
             self.tooltip = tooltip
 
@@ -24,6 +25,18 @@ class MetricCard(Vertical):
         yield Sparkline([], classes="metric-spark")
 
     def update(self, value: str, data: list[float], *, alert: bool = False) -> None:
+        # A refresh can land before the card has composed its children (a screen being mounted):
+        # keep the figures and show them once the children exist.
+        self._latest = (value, data, alert)
+        self._show()
+
+    def on_mount(self) -> None:
+        self.call_after_refresh(self._show)
+
+    def _show(self) -> None:
+        if self._latest is None or not self.query(".metric-value"):
+            return
+        value, data, alert = self._latest
         self.query_one(".metric-value", Static).update(value)
         self.query_one(Sparkline).data = data
         self.set_class(alert, "alert")
