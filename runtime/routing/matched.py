@@ -100,8 +100,9 @@ class MatchedCalls:
         candidate = candidate or self.candidate(trace.task)
         if candidate is not None and candidate[1].state in ("shadow", "demoted"):
             remote = (outcome.body.get("choices") or [{}])[0].get("message") or {}
-            # Building the adapter's prompt tokenizes it: off the event loop.
-            await asyncio.to_thread(self.shadow_remote_answer, body, candidate[0], trace, ctx, remote)
+            # Building the adapter's prompt tokenizes it: off the event loop, and the agent does
+            # not wait for it.
+            self._spawn(asyncio.to_thread(self.shadow_remote_answer, body, candidate[0], trace, ctx, remote))
         return outcome
 
     async def live(
