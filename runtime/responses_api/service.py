@@ -3,6 +3,8 @@ it becomes like any other chat call, and shape (and keep) what comes back."""
 
 from __future__ import annotations
 
+import asyncio
+
 from slm_agent.contracts.responses_api import ResponseObject, ResponseRequest
 from slm_agent.runtime.responses_api import convert
 from slm_agent.runtime.responses_api.events import response_events
@@ -27,7 +29,10 @@ class ResponsesApi:
         )
         items = convert.conversation(req, previous)
         chat = convert.chat_request(req, items)
-        outcome = await self.escalation.chat(self.escalation.route_chat(chat, ctx))
+        # Routing builds the local job (tokenizing, grammars, matching): off the event loop, as
+        # the chat completions route does.
+        routed = await asyncio.to_thread(self.escalation.route_chat, chat, ctx)
+        outcome = await self.escalation.chat(routed)
         base = convert.started(req)
 
         def keep(response: ResponseObject) -> None:
