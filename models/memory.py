@@ -7,7 +7,7 @@ import os
 from pydantic import BaseModel
 
 from slm_agent.errors import InsufficientMemoryError
-from slm_agent.models.manifest import ModelManifest
+from slm_agent.models.manifest import GGUFInfo, ModelManifest
 
 # llama.cpp's compute buffers and scratch: measured ~60-90 MB for gemma-3-270m at n_ctx 4096.
 _COMPUTE_OVERHEAD = 96 * 1024 * 1024
@@ -25,14 +25,18 @@ class MemoryEstimate(BaseModel):
         return self.weights_bytes + self.kv_cache_bytes + self.overhead_bytes
 
 
+def kv_bytes_per_token(info: GGUFInfo | None) -> int:
+    """Bytes one token takes in the KV cache: keys and values of every layer, f16; 0 unknown."""
+    if not info or not info.block_count or not info.head_count_kv:
+        return 0
+    key_len = info.key_length or (info.embedding_length or 0) // max(info.head_count or 1, 1)
+    value_len = info.value_length or key_len
+    return info.block_count * info.head_count_kv * (key_len + value_len) * _KV_BYTES_PER_ELEMENT
+
+
 def estimate(manifest: ModelManifest, n_ctx: int) -> MemoryEstimate:
     """Weights (the file, memory-mapped) + KV cache at ``n_ctx`` + compute buffers."""
-    info = manifest.info
-    kv = 0
-    if info and info.block_count and info.head_count_kv:
-        key_len = info.key_length or (info.embedding_length or 0) // max(info.head_count or 1, 1)
-        value_len = info.value_length or key_len
-        kv = info.block_count * n_ctx * info.head_count_kv * (key_len + value_len) * _KV_BYTES_PER_ELEMENT
+    kv = kv_bytes_per_token(manifest.info) * n_ctx
     overhead = _COMPUTE_OVERHEAD if manifest.kind == "base" else 0
     return MemoryEstimate(
         weights_bytes=manifest.size, kv_cache_bytes=kv, overhead_bytes=overhead, n_ctx=n_ctx

@@ -51,12 +51,27 @@ class Settings(BaseSettings):
     max_memory_mb: int | None = Field(
         None, description="Refuse to load models whose estimated memory exceeds this many MiB."
     )
+    adapter_memory_mb: float = Field(
+        512,
+        gt=0,
+        description="MiB of LoRA adapters held loaded. An adapter loads on its first request; one "
+        "past this unloads the least recently used idle one (adapters tasks name always stay).",
+    )
 
     # -- requests ----------------------------------------------------------------------------------
     queue_size: int = Field(16, ge=1, description="Requests that may wait for the engine before 429s.")
     max_tokens: int = Field(512, ge=1, description="Default cap on generated tokens per request.")
     request_timeout_s: float = Field(120.0, gt=0, description="Deadline of one request, queueing included.")
-    prefix_cache_size: int = Field(8, ge=0, description="Saved prompt-prefix states kept per daemon (LRU).")
+    prefix_cache_size: int = Field(
+        8, ge=0, description="Task prefixes kept resident per context, and saved prefix states per daemon (LRU)."
+    )
+    max_sequences: int = Field(8, ge=1, le=64, description="Requests decoded together in one batch per context.")
+    max_contexts: int = Field(
+        2, ge=1, le=16, description="Adapter sets served at once, the base model's included (a context each)."
+    )
+    kv_budget_mb: int = Field(
+        256, ge=16, description="MiB for all contexts' KV caches; the daemon refuses one too small for n_ctx."
+    )
     max_request_bytes: int = Field(1_000_000, ge=1024, description="Largest request body accepted.")
 
     # -- hostile input -----------------------------------------------------------------------------

@@ -75,7 +75,7 @@ def test_health_models_and_metrics(daemon: Daemon) -> None:
         assert ids[BUNDLED_NAME] == "base"
         assert {"task:extract", "task:classify", "task:tool_call"} <= set(ids)
         metrics = http.get("/metrics").text
-        assert "slm_queue_depth" in metrics and "slm_adapter_switches" in metrics
+        assert "slm_queue_depth" in metrics and "slm_batch_sequences" in metrics
 
 
 def test_chat_completion_with_openai_client(daemon: Daemon, client: openai.OpenAI) -> None:

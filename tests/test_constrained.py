@@ -170,7 +170,7 @@ def test_fast_forwarded_tokens_are_the_tokenizers_tokens(engine: Engine) -> None
     matcher = engine._guide.matcher(grammars.tool_call_grammar([WEATHER]))
     forced = matcher.compute_ff_tokens()
     assert len(forced) >= 3  # {"name": "get_weather", "arguments": {"city": "... is all forced
-    text = engine._llm.detokenize(forced).decode()
+    text = engine.detokenize(forced)
     assert text.startswith('{"name": "get_weather"')
     assert engine.tokenize(text, add_bos=False) == forced
 

@@ -126,13 +126,18 @@ def json_grammar(schema: dict[str, Any], options: dict[str, Any] = JSON_OPTIONS)
         return None
 
 
-def lark_grammar(lark: str) -> str:
+def json_rule(schema: dict[str, Any], options: dict[str, Any] = JSON_OPTIONS) -> str:
+    """A Lark rule body matching ``schema``, spelled as ``json_grammar`` spells it."""
+    return "%json " + json.dumps({**schema, "x-guidance": options})
+
+
+def lark_grammar(lark: str, param: str = "response_format") -> str:
     import llguidance
 
     grammar = llguidance.LLMatcher.grammar_from_lark(lark)
     error = llguidance.LLMatcher.validate_grammar(grammar, None, limits=limits())
     if error:
-        raise SchemaError(f"this grammar cannot be compiled: {error}", param="response_format")
+        raise SchemaError(f"this grammar cannot be compiled: {error}", param=param)
     return grammar
 
 

@@ -4,13 +4,22 @@ canonical schema; see constraints.py for how a schema is tightened and which eng
 from __future__ import annotations
 
 import json
+import re
 import threading
+from collections.abc import Callable
 from functools import lru_cache, partial
 from typing import Any
 
-from slm_agent.contracts.tasks import Task
+from slm_agent.contracts.tasks import EXAMPLE_END, Task
 from slm_agent.errors import SchemaError
-from slm_agent.runtime.engine.constraints import Constraint, check_size, json_grammar, lark_grammar, tighten
+from slm_agent.runtime.engine.constraints import (
+    Constraint,
+    check_size,
+    json_grammar,
+    json_rule,
+    lark_grammar,
+    tighten,
+)
 
 # llama_cpp, llguidance and jsonschema are imported where they are called: all are slow to load
 # and most importers (routing, the CLI) never compile or check a schema.
@@ -65,14 +74,12 @@ def _gbnf_from_schema(schema: dict[str, Any], param: str) -> Any:
         raise SchemaError(f"this JSON schema cannot be turned into a grammar: {exc}", param=param) from exc
 
 
-def _compile_schema(schema: dict[str, Any], param: str = "response_format") -> Constraint:
-    # Keyed canonically, compiled as given: property order decides the order the model writes fields.
-    key = check_size(schema, param)
+def _cached(key: str, build: Callable[[], Constraint]) -> Constraint:
     with _compiled_lock:
         cached = _compiled.get(key)
     if cached is not None:
         return cached
-    constraint = Constraint(key, json_grammar(tighten(schema)), partial(_gbnf_from_schema, schema, param))
+    constraint = build()
     if constraint.llg is None:
         constraint.gbnf()  # a schema neither can express is the caller's error, raised now
     with _compiled_lock:
@@ -80,6 +87,14 @@ def _compile_schema(schema: dict[str, Any], param: str = "response_format") -> C
             _compiled.pop(next(iter(_compiled)))
         _compiled[key] = constraint
     return constraint
+
+
+def _compile_schema(schema: dict[str, Any], param: str = "response_format") -> Constraint:
+    # Keyed canonically, compiled as given: property order decides the order the model writes fields.
+    key = check_size(schema, param)
+    return _cached(
+        key, lambda: Constraint(key, json_grammar(tighten(schema)), partial(_gbnf_from_schema, schema, param))
+    )
 
 
 def schema_grammar(schema: dict[str, Any]) -> Constraint:
@@ -154,18 +169,59 @@ def tool_call_schema(tools: list[dict[str, Any]], only: str | None = None) -> di
     return options[0] if len(options) == 1 else {"oneOf": options}
 
 
-def tool_call_grammar(tools: list[dict[str, Any]], only: str | None = None) -> Constraint:
-    return _compile_schema(tool_call_schema(tools, only), param="tools")
+def tool_call_grammar(
+    tools: list[dict[str, Any]], only: str | None = None, *, parallel: bool = False
+) -> Constraint:
+    """One call; with ``parallel``, a JSON array of calls: the list a chat template's own call
+    syntax writes (``<tool_call>[...]</tool_call>``), so a model trained on it may add a second."""
+    schema = tool_call_schema(tools, only)
+    if parallel:
+        schema = {"type": "array", "items": schema, "minItems": 1}
+    return _compile_schema(schema, param="tools")
+
+
+def _gbnf_call_lines(schema: dict[str, Any], separator: str, end: str) -> Any:
+    from llama_cpp import LlamaGrammar
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        call = re.sub(r"^root ::=", "call ::=", json_schema_to_gbnf(json.dumps(schema)), flags=re.MULTILINE)
+    except (Exception, RecursionError) as exc:  # as in _gbnf_from_schema
+        raise SchemaError(f"these tools cannot be turned into a grammar: {exc}", param="tools") from exc
+    root = f"root ::= call ({_gbnf_literal(separator)} call)* {_gbnf_literal(end)}?\n"
+    return LlamaGrammar.from_string(root + call, verbose=False)
+
+
+def call_lines_grammar(tools: list[dict[str, Any]], only: str | None, separator: str, end: str) -> Constraint:
+    """One or more calls, each after ``separator`` but the first, then optionally ``end``: the
+    transcript a base model's few-shot examples write, where ending the answer is as natural as
+    the line break after it (a bare list of calls, measured, has it repeat calls to max_tokens)."""
+    schema = tool_call_schema(tools, only)
+    key = f"lines:{_canonical([separator, end])}:{check_size(schema, 'tools')}"
+    lark = (
+        f"start: call ({_gbnf_literal(separator)} call)* {_gbnf_literal(end)}?\n"
+        f"call: {json_rule(tighten(schema))}"
+    )
+    return _cached(
+        key,
+        lambda: Constraint(
+            key, lark_grammar(lark, param="tools"), partial(_gbnf_call_lines, schema, separator, end)
+        ),
+    )
 
 
 def task_grammar(
-    task: Task, tools: list[dict[str, Any]] | None, forced: str | None = None
+    task: Task, tools: list[dict[str, Any]] | None, forced: str | None = None, *, parallel: bool = False
 ) -> Constraint | None:
-    """The grammar a task's answer is sampled under, or None for free text."""
+    """The grammar a task's answer is sampled under, or None for free text. ``parallel`` (the
+    request's ``parallel_tool_calls``) lets a tool_call task of the task form answer with several
+    calls, one per line as its examples write them; a chat-form task's adapter learned one call."""
     if task.kind == "json" and task.output_schema:
         return schema_grammar(task.output_schema)
     if task.kind == "label":
         return label_grammar(task.labels)
     if task.kind == "tool_call" and tools:
+        if parallel and task.form == "task":
+            return call_lines_grammar(tools, forced, task.call_separator(), EXAMPLE_END)
         return tool_call_grammar(tools, forced)
     return None

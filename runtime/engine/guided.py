@@ -11,10 +11,9 @@ evaluated in the same batch as the sampled token.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,94 +136,56 @@ def _tokenizer_from_vocab(vocab: Any, cancel: threading.Event) -> Any:
     )
 
 
-def guided_tokens(
-    llm: Any,
-    tokens: list[int],
-    matcher: Any,
-    *,
-    max_tokens: int,
-    temperature: float,
-    top_p: float,
-    logprobs: bool,
-    is_eog: Callable[[int], bool],
-    counters: GuideCounters,
-) -> Iterator[tuple[int, float | None]]:
-    """Yield (token, log-probability or None) until the grammar is complete; the caller stops
-    earlier on its own limits. Log-probabilities are under the raw, unmasked distribution."""
-    import llama_cpp
+class GuidedDecoder:
+    """One sequence's llguidance state in the running batch: which token the grammar lets it take
+    from its row of logits, and the tokens the grammar then forces (fast-forward)."""
 
-    n_vocab = llm.n_vocab()
-    _prefill(llm, tokens)
-    sampler = llm._init_sampler(top_k=0, top_p=top_p, min_p=0.0, temp=temperature, repeat_penalty=1.0)
-    bitmask = np.full((n_vocab + 31) // 32, -1, dtype=np.int32)
-    # Sample from the raw logits first and compute a mask only when the grammar refuses the token:
-    # inside strings the model's choice is nearly always allowed, and masking 262k logits costs
-    # more than checking one token. Conditioned on acceptance the sample follows the masked
-    # distribution exactly, unless top_p cuts the raw distribution first: then mask up front.
-    optimistic = top_p >= 1.0
-    emitted = 0
-    try:
-        while True:
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(n_vocab,))
-            lse = _logsumexp(logits) if logprobs else 0.0
-            token = sampler.sample(llm._ctx, -1) if optimistic else -1
-            started = time.perf_counter()
-            if token < 0 or matcher.validate_tokens([token]) != 1:
-                matcher.unsafe_compute_mask_ptr(bitmask.ctypes.data, bitmask.nbytes)
-                allowed = _apply_mask(logits, bitmask, n_vocab)
-                if allowed is not None and len(allowed) == 0:
-                    raise SlmAgentError(
-                        f"the output grammar allows no token: {matcher.get_error() or 'dead end'}"
-                    )
-                # One allowed token needs no sampling (and no pass over 262k candidates).
-                token = (
-                    int(allowed[0])
-                    if allowed is not None and len(allowed) == 1
-                    else sampler.sample(llm._ctx, -1)
+    def __init__(self, matcher: Any, n_vocab: int, top_p: float, counters: GuideCounters) -> None:
+        self.matcher = matcher
+        self.n_vocab = n_vocab
+        self.counters = counters
+        self._bitmask = np.full((n_vocab + 31) // 32, -1, dtype=np.int32)
+        # Sample from the raw logits first and compute a mask only when the grammar refuses the
+        # token: inside strings the model's choice is nearly always allowed, and masking 262k
+        # logits costs more than checking one token. Conditioned on acceptance the sample follows
+        # the masked distribution exactly, unless top_p cuts the raw distribution first: then
+        # mask up front.
+        self._optimistic = top_p >= 1.0
+
+    def choose(self, logits: np.ndarray, sample: Callable[[], int]) -> int:
+        """The next token: ``sample()`` draws from ``logits``, which are masked in place first
+        where the grammar refuses the unmasked draw."""
+        token = sample() if self._optimistic else -1
+        started = time.perf_counter()
+        if token < 0 or self.matcher.validate_tokens([token]) != 1:
+            self.matcher.unsafe_compute_mask_ptr(self._bitmask.ctypes.data, self._bitmask.nbytes)
+            allowed = _apply_mask(logits, self._bitmask, self.n_vocab)
+            if allowed is not None and len(allowed) == 0:
+                raise SlmAgentError(
+                    f"the output grammar allows no token: {self.matcher.get_error() or 'dead end'}"
                 )
-            counters.mask_ms.append((time.perf_counter() - started) * 1000)
-            logprob = float(logits[token]) - lse if logprobs else None
-            if is_eog(token):
-                yield token, logprob
-                return
-            if not matcher.consume_token(token):
-                raise _grammar_error("the sampled token", matcher)
-            emitted += 1
-            forced: list[int] = []
-            if not matcher.is_stopped():
-                room = min(max_tokens - emitted, llm.n_batch - 1)
-                forced = matcher.compute_ff_tokens()[: max(0, room)]
-                if forced and not matcher.consume_tokens(forced):
-                    raise _grammar_error("fast-forward", matcher)
-            done = matcher.is_stopped() or emitted + len(forced) >= max_tokens
-            forced_logprobs: list[float | None] = [None] * len(forced)
-            if forced and logprobs:
-                forced_logprobs = list(_decode_scored(llm, [token, *forced], n_vocab))
-            elif not done:
-                llm.eval([token, *forced])
-            counters.forced += len(forced)
-            emitted += len(forced)
-            yield token, logprob
-            yield from zip(forced, forced_logprobs, strict=True)
-            if done:
-                return
-    finally:
-        sampler.close()
+            # One allowed token needs no sampling (and no pass over 262k candidates).
+            token = int(allowed[0]) if allowed is not None and len(allowed) == 1 else sample()
+        self.counters.mask_ms.append((time.perf_counter() - started) * 1000)
+        return token
 
+    def advance(self, token: int, room: int) -> list[int]:
+        """Consume the chosen ``token``; return the tokens the grammar forces after it (at most
+        ``room``), consumed too."""
+        if not self.matcher.consume_token(token):
+            raise _grammar_error("the sampled token", self.matcher)
+        if self.matcher.is_stopped() or room <= 0:
+            return []
+        forced = list(self.matcher.compute_ff_tokens()[:room])
+        if forced and not self.matcher.consume_tokens(forced):
+            raise _grammar_error("fast-forward", self.matcher)
+        self.counters.forced += len(forced)
+        return forced
 
-def _prefill(llm: Any, tokens: list[int]) -> None:
-    """Evaluate what of ``tokens`` the context lacks; at least the last one, unless the logits of
-    a live decode of exactly ``tokens`` are still there (as ``Llama.generate`` does)."""
-    held = llm.n_tokens
-    common = 0
-    for a, b in zip(llm.input_ids[:held], tokens, strict=False):
-        if a != b:
-            break
-        common += 1
-    if common == len(tokens) == held and not llm._requires_eval:
-        return
-    llm.n_tokens = min(common, len(tokens) - 1)
-    llm.eval(tokens[llm.n_tokens :])
+    @property
+    def stopped(self) -> bool:
+        """The grammar is complete: nothing more may follow."""
+        return bool(self.matcher.is_stopped())
 
 
 def _apply_mask(logits: np.ndarray, bitmask: np.ndarray, n_vocab: int) -> np.ndarray | None:
@@ -243,26 +204,6 @@ def _apply_mask(logits: np.ndarray, bitmask: np.ndarray, n_vocab: int) -> np.nda
     every = np.unpackbits(bitmask.view(np.uint8), count=n_vocab, bitorder="little")
     np.copyto(logits, -np.inf, where=every == 0)
     return None
-
-
-def _logsumexp(logits: np.ndarray) -> float:
-    peak = float(logits.max())
-    return peak + math.log(float(np.exp(logits - peak).sum()))
-
-
-def _decode_scored(llm: Any, batch: list[int], n_vocab: int) -> Iterator[float]:
-    """Evaluate ``batch`` with logits at every position; yield the log-probability of each token
-    after the first (the fast-forwarded ones: the shadow gate reads them like sampled ones)."""
-    llm._ctx.kv_cache_seq_rm(-1, llm.n_tokens, -1)
-    n_past = llm.n_tokens
-    llm._batch.set_batch(batch=batch, n_past=n_past, logits_all=True)
-    llm._ctx.decode(llm._batch)
-    llm.input_ids[n_past : n_past + len(batch)] = batch
-    llm.n_tokens += len(batch)
-    llm._requires_eval = False
-    rows = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(batch), n_vocab))
-    for row, token in zip(rows[:-1], batch[1:], strict=True):
-        yield float(row[token]) - _logsumexp(row)
 
 
 def _grammar_error(what: str, matcher: Any) -> SchemaError:

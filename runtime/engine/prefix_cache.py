@@ -1,54 +1,24 @@
-"""Saved prompt-prefix states per (adapter, prefix), so a task's fixed prefix is computed once.
+"""Saved prompt-prefix states per (adapter set, prefix), so a task's fixed prefix is computed once.
 
-The fastest path needs no state at all: the context's KV cache still holds the last prompt and
-llama-cpp-python reuses the longest common prefix. A saved state covers the case where another
-task or adapter ran in between: restoring it costs ~0.25x of a cold prefill.
+The fastest path needs no state at all: the prefix is still resident in its context's KV cache
+and is forked into the new sequence (context.py). A saved state covers a prefix evicted from
+there: restoring it costs ~0.25x of a cold prefill.
 """
 
 from __future__ import annotations
 
-import ctypes
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
-
-# llama_cpp is imported where it is called, as in llama.py: loading libllama costs ~0.1 s.
 
 
 @dataclass(frozen=True)
 class PrefixState:
     tokens: tuple[int, ...]
-    data: bytes  # llama_state_get_data: KV cache of exactly these tokens
+    data: bytes  # llama_state_seq_get_data: one sequence's KV cells, exactly these tokens
 
     @property
     def size(self) -> int:
         return len(self.data)
-
-
-def save(llm: Any) -> PrefixState:
-    """Snapshot the context. Unlike ``Llama.save_state`` this skips the logits matrix (hundreds of MB)."""
-    import llama_cpp
-
-    ctx = llm._ctx.ctx
-    size = llama_cpp.llama_state_get_size(ctx)
-    buf = (ctypes.c_uint8 * size)()
-    written = llama_cpp.llama_state_get_data(ctx, buf, size)
-    return PrefixState(tokens=tuple(int(t) for t in llm._input_ids), data=bytes(buf)[:written])
-
-
-def restore(llm: Any, state: PrefixState) -> None:
-    import llama_cpp
-
-    buf = (ctypes.c_uint8 * len(state.data)).from_buffer_copy(state.data)
-    if llama_cpp.llama_state_set_data(llm._ctx.ctx, buf, len(state.data)) != len(state.data):
-        raise RuntimeError("llama_state_set_data failed to restore a prefix state")
-    n = len(state.tokens)
-    llm.input_ids[:n] = np.asarray(state.tokens, dtype=np.intc)
-    llm.n_tokens = n
-    # The restored logits are not those of a live decode: make generate() re-evaluate a token.
-    llm._requires_eval = True
 
 
 class PrefixCache:

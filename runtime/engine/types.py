@@ -18,7 +18,10 @@ class EngineConfig:
     n_threads: int = 2
     n_batch: int = 512
     queue_size: int = 16
-    prefix_cache_size: int = 8
+    prefix_cache_size: int = 8  # resident prefixes per context, and saved prefix states
+    max_sequences: int = 8  # decoded together in one context
+    max_contexts: int = 2  # adapter sets served at once (the base model's included)
+    kv_budget_mb: int = 256  # all contexts' KV caches together
     # "gbnf" samples every constraint under llama.cpp's GBNF grammars (the path before llguidance).
     constraints: ConstraintEngine = "llguidance"
 
@@ -61,6 +64,7 @@ class GenerationResult:
     ttft_ms: float | None
     total_ms: float
     token_logprobs: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # generated token ids, forced ones included
     constraint_engine: ConstraintEngine | None = None  # what constrained the output, None for free text
     forced_tokens: int = 0  # appended by fast-forward, without a sampling step
     mask_ms: list[float] = field(default_factory=list)  # per sampling step under llguidance
@@ -76,13 +80,18 @@ class GenerationResult:
 @dataclass
 class EngineStats:
     requests: int = 0
-    adapter_switches: int = 0
+    contexts_created: int = 0  # a context per adapter set in use, up to max_contexts
+    adapter_switches: int = 0  # an idle context switched to another adapter set
     prefix_hits_kv: int = 0
     prefix_hits_state: int = 0
     prefix_misses: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cancelled: int = 0
+    queue_ms: float = 0.0  # summed over started requests
+    steps: int = 0  # decode steps, each over every sequence of one context that had work
+    step_tokens: int = 0
+    step_sequences: int = 0
 
 
 @dataclass

@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from slm_agent.runtime.engine import Engine
+from slm_agent.runtime.serving.adapters import AdapterCache
 from slm_agent.runtime.shadow.promoter import Promoter
 from slm_agent.runtime.shadow.records import STATE_NAMES
 from slm_agent.runtime.shadow.worker import ShadowWorker
@@ -26,8 +27,32 @@ class _EngineCollector(Collector):
             "slm_queue_depth", "Requests waiting for or running on the engine.", self.engine.queue_depth
         )
         yield GaugeMetricFamily("slm_adapters_loaded", "LoRA adapters loaded.", len(self.engine.adapters))
+        yield GaugeMetricFamily(
+            "slm_batch_sequences", "Requests decoding in the running batches now.", self.engine.running
+        )
+        yield GaugeMetricFamily(
+            "slm_engine_contexts", "Contexts held, one per adapter set in use.", self.engine.contexts
+        )
         yield CounterMetricFamily(
-            "slm_adapter_switches", "Adapter changes on the context.", stats.adapter_switches
+            "slm_engine_contexts_created", "Contexts made for an adapter set.", stats.contexts_created
+        )
+        yield CounterMetricFamily(
+            "slm_engine_steps", "Decode steps, each over one context's batch.", stats.steps
+        )
+        yield CounterMetricFamily(
+            "slm_engine_step_tokens",
+            "Tokens evaluated by decode steps (tokens per step: over steps).",
+            stats.step_tokens,
+        )
+        yield CounterMetricFamily(
+            "slm_engine_step_sequences",
+            "Sequences served by decode steps (batch size per step: over steps).",
+            stats.step_sequences,
+        )
+        yield CounterMetricFamily(
+            "slm_engine_queue_wait_seconds",
+            "Time started requests waited in the queue.",
+            stats.queue_ms / 1000,
         )
         hits = CounterMetricFamily(
             "slm_prefix_cache", "Prompt-prefix lookups by outcome.", labels=["outcome"]
@@ -82,6 +107,21 @@ class _ShadowCollector(Collector):
             yield jobs
 
 
+class _AdapterCollector(Collector):
+    """Adapters loaded on first use and evicted for room, and the memory loaded adapters hold."""
+
+    def __init__(self, adapters: AdapterCache) -> None:
+        self.adapters = adapters
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        counters = self.adapters.counters
+        yield CounterMetricFamily("slm_adapter_loads", "Adapters loaded on first use.", counters.loads)
+        yield CounterMetricFamily(
+            "slm_adapter_evictions", "Adapters unloaded for room (least recently used).", counters.evictions
+        )
+        yield GaugeMetricFamily("slm_adapter_bytes", "Bytes of loaded adapters.", self.adapters.held_bytes())
+
+
 class Metrics:
     def __init__(
         self, engine: Engine, promoter: Promoter | None = None, shadow: ShadowWorker | None = None
@@ -103,6 +143,10 @@ class Metrics:
     def watch_shadow(self, promoter: Promoter, shadow: ShadowWorker | None = None) -> None:
         """Export task states and shadow counters (for services built after the metrics)."""
         self.registry.register(_ShadowCollector(promoter, shadow))
+
+    def watch_adapters(self, adapters: AdapterCache) -> None:
+        """Export adapter loads and evictions (the cache is built after the metrics)."""
+        self.registry.register(_AdapterCollector(adapters))
 
     def _seconds(self, name: str, documentation: str) -> Histogram:
         """A per-endpoint histogram of durations in seconds."""

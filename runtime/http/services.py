@@ -22,6 +22,7 @@ from slm_agent.runtime.matching.matcher import TaskMatcher
 from slm_agent.runtime.remote.client import RemoteClient
 from slm_agent.runtime.responses_api.service import ResponsesApi
 from slm_agent.runtime.routing.escalation import Escalation
+from slm_agent.runtime.serving.adapters import AdapterCache
 from slm_agent.runtime.serving.jobs import JobBuilder
 from slm_agent.runtime.serving.local import LocalRunner
 from slm_agent.runtime.serving.recorder import TraceRecorder
@@ -89,6 +90,9 @@ def build_services(settings: Settings) -> Services:
             n_batch=settings.n_batch,
             queue_size=settings.queue_size,
             prefix_cache_size=settings.prefix_cache_size,
+            max_sequences=settings.max_sequences,
+            max_contexts=settings.max_contexts,
+            kv_budget_mb=settings.kv_budget_mb,
         )
     )
     redacted = settings.traces.store_redacted  # every table that quotes prompts keeps the same form
@@ -102,7 +106,9 @@ def build_services(settings: Settings) -> Services:
     events = EventBus(traces)
     traces.add_listener(events.publish_trace)
     recorder = TraceRecorder(traces, base.name)
-    jobs = JobBuilder(settings, store, base, engine, tasks)
+    adapters = AdapterCache(engine, store, base, tasks, settings.adapter_memory_mb, events.publish)
+    metrics.watch_adapters(adapters)
+    jobs = JobBuilder(settings, store, base, engine, tasks, adapters)
     # No provider configured: no client, and every remote route is answered locally ("offline").
     remote = RemoteClient(settings.remote) if settings.remote.providers else None
     encoder, problem = load_encoder(settings.encoder_dir, threads=1)
