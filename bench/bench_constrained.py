@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+from bench_daemon import print_table
 
 from slm_agent.contracts.tasks import builtin_tasks
 from slm_agent.models import ModelStore, ensure_bundled
@@ -200,10 +201,7 @@ def main() -> None:
         finally:
             engine.shutdown()
     print(f"threads={THREADS}")
-    print("| figure | value | anchor (same run) | ratio | target |")
-    print("| --- | --- | --- | --- | --- |")
-    for r in ROWS:
-        print("| " + " | ".join(r) + " |")
+    print_table(ROWS)
 
 
 if __name__ == "__main__":

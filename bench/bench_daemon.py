@@ -41,6 +41,14 @@ def row(
     print(f"  {name}: {fmt.format(value)}", file=sys.stderr)
 
 
+def print_table(rows: list[tuple[str, str, str, str, str]]) -> None:
+    """The run's figures as one markdown table, as README.md quotes them."""
+    print("| figure | value | anchor (same run) | ratio | target |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
 def free_port() -> int:
     import socket
 
@@ -155,16 +163,18 @@ def make_adapters(model: Path, folder: Path, n: int) -> list[Path]:
 
 
 def p2(model: Path, adapters: list[Path]) -> None:
+    """An idle context switched between two adapters (what a request for another adapter costs
+    when every context is in use by then: max_contexts=1)."""
     from slm_agent.runtime.engine import Engine, EngineConfig
 
-    engine = Engine(EngineConfig(model_path=model, n_ctx=1024, n_threads=THREADS))
+    engine = Engine(EngineConfig(model_path=model, n_ctx=1024, n_threads=THREADS, max_contexts=1))
     engine.load()
     engine.load_adapter("a", adapters[0])
     engine.load_adapter("b", adapters[1])
     times = []
     for i in range(400):
         t = time.perf_counter()
-        engine._apply_adapter("a" if i % 2 else "b", 1.0)
+        engine._context(("a" if i % 2 else "b", 1.0))
         times.append((time.perf_counter() - t) * 1000)
     engine.shutdown()
     row("P2 adapter switch p95 (ms)", pct(times, 0.95), None, None, "<= 1 ms", "{:.3f}")
@@ -312,10 +322,7 @@ def main() -> None:
             p5(store_dir, home)
         if "p6" in wanted:
             p6(store_dir, home)
-    print("| figure | ours | anchor | ratio | target |")
-    print("|---|---|---|---|---|")
-    for r in ROWS:
-        print("| " + " | ".join(r) + " |")
+    print_table(ROWS)
 
 
 if __name__ == "__main__":

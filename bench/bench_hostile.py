@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_daemon import ROWS, Daemon, row
+from bench_daemon import ROWS, Daemon, print_table, row
 
 from slm_agent.models import BUNDLED_NAME, ModelStore, ensure_bundled
 
@@ -207,10 +207,7 @@ def main() -> None:
     )
     row("healthz p99 ms under hostile load (vs idle)", p99, idle_p99, p99 / idle_p99, "-", "{:.1f}")
     row("RSS MB after the run (vs idle)", after_rss, idle_rss, after_rss / idle_rss, "<= 1.15x", "{:.0f}")
-    print("| figure | value | anchor (same run) | ratio | target |")
-    print("|---|---|---|---|---|")
-    for r in ROWS:
-        print("| " + " | ".join(r) + " |")
+    print_table(ROWS)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_daemon import print_table
 
 from slm_agent.contracts.prompts import task_prompt
 from slm_agent.contracts.records import TraceRecord
@@ -285,10 +286,7 @@ def main() -> None:
         finally:
             engine.shutdown()
             traces.close()
-    print("| figure | value | anchor (same run) | ratio | target |")
-    print("| --- | --- | --- | --- | --- |")
-    for r in ROWS:
-        print("| " + " | ".join(r) + " |")
+    print_table(ROWS)
 
 
 if __name__ == "__main__":

@@ -122,6 +122,11 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool = Field(
+        True,
+        description="OpenAI's: several tool calls in one answer (the default), or at most one. A model "
+        "whose call syntax holds one call answers with one either way.",
+    )
     response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")

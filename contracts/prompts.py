@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 from slm_agent.contracts.api import ChatMessage
-from slm_agent.contracts.tasks import Task, render_tools
+from slm_agent.contracts.tasks import EXAMPLE_END, Task, render_tools
 from slm_agent.errors import BadRequestError
 from slm_agent.models.manifest import PromptFormat
 
@@ -55,8 +55,9 @@ def task_prompt(
             f"task {task.name!r} chooses among tools, but the request has none: send them in 'tools'",
             param="tools",
         )
-    # Structured answers are one line; free text ends where the prompt format says.
-    stop = ["\n"] if task.kind != "text" else fmt.stop
+    # Structured answers are one line (several calls of a tool_call task one line each, as its
+    # examples write them); free text ends where the prompt format says.
+    stop = fmt.stop if task.kind == "text" else [EXAMPLE_END] if task.kind == "tool_call" else ["\n"]
     return task.prefix(), task.body(value, tools), stop
 
 

@@ -23,6 +23,9 @@ from slm_agent.models.manifest import PromptFormat
 log = logging.getLogger(__name__)
 
 TASK_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+# What closes each few-shot example: a base model that has written its answer goes on with it.
+EXAMPLE_END = "\n\n"
+
 Routing = Literal["local", "remote", "auto"]
 
 
@@ -114,7 +117,12 @@ class Task(BaseModel):
         return self
 
     def render_example(self, example: Example) -> str:
-        return f"{self.input_label}: {example.input}\n{self.output_label}: {example.output}\n\n"
+        return f"{self.input_label}: {example.input}\n{self.output_label}: {example.output}{EXAMPLE_END}"
+
+    def call_separator(self) -> str:
+        """Between two calls of one answer (kind=tool_call): a new line under the output label, as
+        an example with several calls writes them."""
+        return f"\n{self.output_label}: "
 
     def prefix(self) -> str:
         """The fixed part of the prompt, identical for every call: cached by the engine."""

@@ -63,9 +63,13 @@ class Settings(BaseSettings):
     max_tokens: int = Field(512, ge=1, description="Default cap on generated tokens per request.")
     request_timeout_s: float = Field(120.0, gt=0, description="Deadline of one request, queueing included.")
     prefix_cache_size: int = Field(
-        8, ge=0, description="Task prefixes kept resident per context, and saved prefix states per daemon (LRU)."
+        8,
+        ge=0,
+        description="Task prefixes kept resident per context, and saved prefix states per daemon (LRU).",
     )
-    max_sequences: int = Field(8, ge=1, le=64, description="Requests decoded together in one batch per context.")
+    max_sequences: int = Field(
+        8, ge=1, le=64, description="Requests decoded together in one batch per context."
+    )
     max_contexts: int = Field(
         2, ge=1, le=16, description="Adapter sets served at once, the base model's included (a context each)."
     )

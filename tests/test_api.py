@@ -202,19 +202,6 @@ def test_an_agent_loop_ends_with_an_answer_after_the_tool_result(client: openai.
     assert not none.choices[0].message.tool_calls and none.choices[0].message.content
 
 
-def test_tool_call_stream_sends_whole_call(client: openai.OpenAI) -> None:
-    stream = client.chat.completions.create(
-        model=BUNDLED_NAME,
-        messages=[{"role": "user", "content": "Weather in Rome in celsius"}],
-        tools=TOOLS,  # type: ignore[arg-type]
-        tool_choice={"type": "function", "function": {"name": "get_weather"}},
-        stream=True,
-    )
-    calls = [tc for chunk in stream for choice in chunk.choices for tc in (choice.delta.tool_calls or [])]
-    assert len(calls) == 1 and calls[0].function and calls[0].function.name == "get_weather"
-    json.loads(calls[0].function.arguments or "")
-
-
 def test_json_schema_response_format(client: openai.OpenAI) -> None:
     schema = {
         "type": "object",

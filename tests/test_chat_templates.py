@@ -295,6 +295,31 @@ def test_smollm2_daemon_calls_a_tool(smollm2_daemon: Daemon) -> None:
     assert "city" in json.loads(call.function.arguments)  # type: ignore[union-attr]
 
 
+def test_smollm2_calls_stream_as_deltas_and_parallel_calls_can_be_off(smollm2_daemon: Daemon) -> None:
+    api = client(smollm2_daemon)
+    ask = {
+        "model": SMOLLM2,
+        "messages": [{"role": "user", "content": "What's the weather in Paris and in Rome?"}],
+        "tools": [WEATHER],
+        "tool_choice": "required",
+        "max_tokens": 96,
+        "temperature": 0,
+    }
+    # Held to a list of calls (its own syntax's), measured: SmolLM2-135M writes one call.
+    whole = api.chat.completions.create(**ask).choices[0].message.tool_calls or []
+    assert whole and all(c.function.name == "get_weather" for c in whole)  # type: ignore[union-attr]
+    assert all("city" in json.loads(c.function.arguments) for c in whole)  # type: ignore[union-attr]
+    single = api.chat.completions.create(**ask, parallel_tool_calls=False).choices[0].message.tool_calls
+    assert single is not None and len(single) == 1
+    with api.chat.completions.stream(**ask) as stream:
+        final = stream.get_final_completion()
+    streamed = final.choices[0].message.tool_calls or []
+    assert [(c.function.name, c.function.arguments) for c in streamed] == [
+        (c.function.name, c.function.arguments)  # type: ignore[union-attr]
+        for c in whole
+    ]
+
+
 def test_bundled_base_chat_does_not_run_past_its_turn(daemon: Daemon, bundled: ModelManifest) -> None:
     # Greedy, the base answers these and then writes "\nAssistant: ..." turns of its own.
     api = client(daemon)

@@ -13,7 +13,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from slm_agent.contracts.tasks import builtin_tasks
+from slm_agent.contracts.tasks import EXAMPLE_END, builtin_tasks
 from slm_agent.errors import SchemaError
 from slm_agent.runtime.engine import Engine, EngineConfig, GenerationRequest, GenerationResult, grammars
 from slm_agent.runtime.engine.constraints import (
@@ -23,6 +23,7 @@ from slm_agent.runtime.engine.constraints import (
     json_grammar,
     tighten,
 )
+from slm_agent.runtime.serving.tool_calls import read_calls
 
 TASKS = {t.name: t for t in builtin_tasks()}
 GBNF_SPACING = {"whitespace_pattern": " ?", "item_separator": ",", "key_separator": ":"}
@@ -110,6 +111,30 @@ def test_tool_calls_parse_and_validate_against_the_chosen_tool(engine: Engine, t
     # json.dumps spacing: the form training labels are written in.
     assert result.text == json.dumps(call)
     assert result.forced_tokens > 0 and len(result.mask_ms) + result.forced_tokens == result.completion_tokens
+
+
+def test_several_calls_parse_on_both_paths(engine: Engine) -> None:
+    task = TASKS["tool_call"]
+
+    def run() -> GenerationResult:
+        req = GenerationRequest(
+            prefix=task.prefix(),
+            body=task.body("What's the weather in Paris, and in Rome?", TOOLS),
+            grammar=grammars.task_grammar(task, TOOLS, parallel=True),
+            max_tokens=96,
+            stop=[EXAMPLE_END],
+        )
+        return engine.generate(engine.prepare(req))
+
+    new, old = _both_paths(engine, run)
+    assert (new.constraint_engine, old.constraint_engine) == ("llguidance", "gbnf")
+    for result in (new, old):
+        assert result.finish_reason == "stop", result.text
+        calls = read_calls(result.text)
+        for name, arguments, _ in calls:
+            schema = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == name)
+            jsonschema.validate(json.loads(arguments), tighten(schema))
+    assert len(read_calls(new.text)) == 2  # measured: a call for each city
 
 
 @pytest.mark.slow

@@ -68,7 +68,7 @@ def test_plain_text_is_a_traced_chat_call(daemon: Daemon, client: openai.OpenAI)
     assert response.usage and 0 < response.usage.output_tokens <= 12
     assert raw.headers["x-slm-route"] == "local"
     row = trace_row(daemon, raw.headers["x-slm-trace-id"])
-    assert row["endpoint"] == "chat.completions" and row["status"] == 200
+    assert row["endpoint"] == "responses" and row["status"] == 200
     assert json.loads(row["request"]) == [
         {"role": "system", "content": "Answer briefly."},
         {"role": "user", "content": "Name a color."},

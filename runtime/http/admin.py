@@ -81,6 +81,7 @@ async def load_adapter(body: AdapterLoad, services: ReadyServices) -> JSONRespon
         )
     path = await asyncio.to_thread(services.store.check_adapter, manifest, services.base)
     await asyncio.to_thread(services.engine.load_adapter, body.name, path)
+    services.jobs.adapters.keep(body.name)  # loaded on purpose: never evicted for another
     services.events.publish("adapter_load", {"adapter": body.name})
     services.tasks.reload()  # `sync pull` may have just installed the task files it serves
     bound = [t for t in manifest.tasks if services.tasks.bind_adapter(t, body.name) is not None]

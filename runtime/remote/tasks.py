@@ -49,6 +49,8 @@ def task_messages(task: Task, value: str, tools: list[dict[str, Any]] | None) ->
         system += "\nAnswer with JSON only, matching this schema: " + json.dumps(schema)
     messages: list[dict[str, Any]] = [{"role": "system", "content": system}]
     for example in task.examples:
+        if task.kind == "tool_call" and task.call_separator() in example.output:
+            continue  # the task API answers with one call, as the schema above says
         head = render_tools(example.tools) if task.kind == "tool_call" and example.tools else ""
         output = json.dumps(example.output) if task.kind == "label" else example.output
         messages.append({"role": "user", "content": f"{head}{task.input_label}: {example.input}"})

@@ -63,6 +63,7 @@ def chat_request(req: ResponseRequest, items: list[dict[str, Any]]) -> ChatCompl
         "messages": messages,
         "tools": [_chat_tool(t.model_dump(exclude_none=True)) for t in req.tools] if req.tools else None,
         "tool_choice": _chat_tool_choice(req),
+        "parallel_tool_calls": req.parallel_tool_calls,
         "response_format": _response_format(req),
         "max_tokens": req.max_output_tokens,
         "temperature": req.temperature,

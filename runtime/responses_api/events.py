@@ -20,18 +20,23 @@ from slm_agent.runtime.responses_api.convert import finished
 
 
 async def chat_chunks(stream: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
-    """The JSON of each ``data:`` event, however the bytes were split; ``[DONE]`` ends it."""
+    """The JSON of each ``data:`` event, however the bytes were split; ``[DONE]`` ends it.
+
+    The source is still read to its end after ``[DONE]``: a local answer's stream left open there
+    is closed later as if its client had gone, and traced a second time as abandoned (499)."""
     buffer = b""
+    done = False
     async for piece in stream:
         buffer += piece
-        while b"\n\n" in buffer:
+        while not done and b"\n\n" in buffer:
             event, buffer = buffer.split(b"\n\n", 1)
             for line in event.decode().splitlines():
                 if not line.startswith("data:"):
                     continue
                 payload = line[5:].strip()
                 if payload == "[DONE]":
-                    return
+                    done = True
+                    break
                 yield json.loads(payload)
 
 

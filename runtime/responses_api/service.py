@@ -31,7 +31,7 @@ class ResponsesApi:
         chat = convert.chat_request(req, items)
         # Routing builds the local job (tokenizing, grammars, matching): off the event loop, as
         # the chat completions route does.
-        routed = await asyncio.to_thread(self.escalation.route_chat, chat, ctx)
+        routed = await asyncio.to_thread(self.escalation.route_chat, chat, ctx, "responses")
         outcome = await self.escalation.chat(routed)
         base = convert.started(req)
 

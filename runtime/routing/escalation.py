@@ -174,14 +174,19 @@ class Escalation:
         return features, job, task
 
     # -- chat ----------------------------------------------------------------------------------------
-    def route_chat(self, body: ChatCompletionRequest, ctx: CallContext) -> Routed:
+    def route_chat(
+        self, body: ChatCompletionRequest, ctx: CallContext, endpoint: str = "chat.completions"
+    ) -> Routed:
         """Build the local job (when something local serves the model) and decide; raises the
-        request's own errors (unknown model nobody serves, bad tools...) before any trace exists."""
+        request's own errors (unknown model nobody serves, bad tools...) before any trace exists.
+        ``endpoint`` names the API the client called in the trace (``responses`` for a Responses
+        request carried out as this chat request)."""
         started = time.perf_counter()
         raw = [m.model_dump(exclude_none=True) for m in body.messages]
-        with self._rejecting("chat.completions", ctx, body.model, raw):
+        with self._rejecting(endpoint, ctx, body.model, raw):
             features, job, task = self._chat_features(body, ctx)
         trace = job.trace if job else _proxy_trace(body, ctx, self.jobs.base.name)
+        trace.endpoint = endpoint
         self._match(body, raw, job, trace, ctx)
         decision = self.decide(features, trace)
         return Routed(features, decision, trace, job, task, ctx, started, chat=body)

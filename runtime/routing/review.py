@@ -4,14 +4,15 @@ model confident enough, and would a remote take it if not.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from slm_agent.contracts.schemas import validate_local_answer
 from slm_agent.contracts.tasks import Task
+from slm_agent.errors import SchemaError
 from slm_agent.runtime.engine import GenerationResult
 from slm_agent.runtime.routing.router import RequestFeatures, RouteDecision, RuleRouter, confidence
 from slm_agent.runtime.serving.context import Job
+from slm_agent.runtime.serving.tool_calls import read_calls
 
 
 def local_failure(task: Task, job: Job, result: GenerationResult) -> str | None:
@@ -19,10 +20,14 @@ def local_failure(task: Task, job: Job, result: GenerationResult) -> str | None:
     text = result.text.strip()
     if job.output_kind == "tool_call" and result.finish_reason != "length":
         try:
-            call = json.loads(text)
-        except ValueError as exc:
-            return f"tool call is not valid JSON: {exc}"
-        return validate_local_answer(text, result.finish_reason, tools=job.tools, tool_call=call)
+            calls = read_calls(text)
+        except SchemaError as exc:
+            return exc.message
+        failures = (
+            validate_local_answer(text, result.finish_reason, tools=job.tools, tool_call=call)
+            for _, _, call in calls
+        )
+        return next((failure for failure in failures if failure is not None), None)
     schema = task.output_schema if job.output_kind == "json" else None
     failure = validate_local_answer(text, result.finish_reason, schema=schema)
     if failure is None and job.output_kind == "label" and text not in task.labels:

@@ -11,6 +11,7 @@ from slm_agent.contracts.records import TraceRecord
 from slm_agent.contracts.tasks import Task
 from slm_agent.models.manifest import PromptFormat
 from slm_agent.runtime.engine import GenerationRequest
+from slm_agent.runtime.serving.adapters import AdapterLease
 
 TASK_PREFIX = "task:"
 
@@ -40,6 +41,8 @@ class Target:
     adapter: str | None
     adapter_scale: float
     prompt_format: PromptFormat
+    # Holds an adapter loaded on first use while this request lives, so it is not evicted under it.
+    lease: AdapterLease | None = None
 
 
 @dataclass
@@ -52,6 +55,9 @@ class Job:
     trace: TraceRecord
     output_kind: str  # text | json | label | tool_call | tool_text (text or calls in the model's syntax)
     tools: list[dict[str, Any]] | None = None
+    # The request's parallel_tool_calls. A grammar holds a tool_call answer to it; a tool_text
+    # answer (the model's own syntax, unconstrained) keeps its first call when it is false.
+    parallel_tool_calls: bool = True
     started: float = field(default_factory=time.perf_counter)
     # Placeholder -> original, for a job prompted with redacted text (a chat task learned from
     # redacted traces sees its input as it was trained on); its answer gets the originals back.

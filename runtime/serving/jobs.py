@@ -5,7 +5,6 @@ build the prompt, grammar and sampling. Plain Python; nothing here runs the engi
 from __future__ import annotations
 
 import json
-import threading
 import time
 from typing import Any
 
@@ -20,6 +19,7 @@ from slm_agent.privacy.redactor import Redactor
 from slm_agent.runtime.config import Settings
 from slm_agent.runtime.engine import Engine, GenerationRequest, grammars
 from slm_agent.runtime.serving import templates
+from slm_agent.runtime.serving.adapters import AdapterCache
 from slm_agent.runtime.serving.context import TASK_PREFIX, CallContext, Job, Target, new_trace
 
 
@@ -31,13 +31,14 @@ class JobBuilder:
         base: ModelManifest,
         engine: Engine,
         tasks: TaskRegistry,
+        adapters: AdapterCache,
     ) -> None:
         self.settings = settings
         self.store = store
         self.base = base
         self.engine = engine
         self.tasks = tasks
-        self._loading = threading.Lock()  # two first requests of one adapter load it once
+        self.adapters = adapters
         self._redactor = Redactor()
 
     # -- catalogue -------------------------------------------------------------------------------
@@ -62,24 +63,13 @@ class JobBuilder:
             return Target(model_id, task, task.adapter, task.adapter_scale, task.prompt_format or fmt)
         if model_id == self.base.name:
             return Target(model_id, None, None, 1.0, fmt)
-        if model_id in self.engine.adapters or self._load_on_first_use(model_id):
-            return Target(model_id, None, model_id, 1.0, fmt)
+        # An adapter the store holds (so /v1/models lists it) loads on its first request; this
+        # runs on a request thread, never on the event loop.
+        lease = self.adapters.acquire(model_id)
+        if lease is not None:
+            return Target(model_id, None, model_id, 1.0, fmt, lease=lease)
         known = ", ".join(c.id for c in self.model_cards())
         raise NotFoundError(f"the model {model_id!r} does not exist here; available: {known}", param="model")
-
-    def _load_on_first_use(self, model_id: str) -> bool:
-        """Load an adapter of this base that the store holds (so `/v1/models` lists it) but nothing
-        has loaded yet; False when the store has no such adapter. Runs on a request thread: it
-        waits for the engine between two generations, never on the event loop."""
-        if not self.store.has(model_id):
-            return False
-        manifest = self.store.get(model_id)
-        if manifest.kind != "lora-adapter" or manifest.base != self.base.name:
-            return False
-        with self._loading:
-            if model_id not in self.engine.adapters:
-                self.engine.load_adapter(model_id, self.store.check_adapter(manifest, self.base))
-        return True
 
     # -- building jobs ---------------------------------------------------------------------------
     def _trace(
@@ -110,7 +100,7 @@ class JobBuilder:
         target = self.resolve(req.model, ctx)
         task = target.task
         tools = req.tools
-        forced = _forced_tool(req.tool_choice)
+        forced, parallel = _forced_tool(req.tool_choice), req.parallel_tool_calls
         template = target.prompt_format.chat_template
         wants_tool = bool(tools) and req.tool_choice != "none"
         if wants_tool and template is None and req.tool_choice in (None, "auto") and _answers_a_result(req):
@@ -132,7 +122,7 @@ class JobBuilder:
                 prefix, body, task_stop = task_prompt(
                     task, last_user_text(req.messages), task_tools, target.prompt_format
                 )
-            grammar = grammars.task_grammar(task, task_tools, forced)
+            grammar = grammars.task_grammar(task, task_tools, forced, parallel=parallel)
             kind, stop, defaults = task.kind, stop or task_stop, task.sampling
         elif template is not None:
             # The model's own format: its tools block in, its own call syntax read out of the answer.
@@ -141,8 +131,10 @@ class JobBuilder:
             kind, defaults = ("tool_text" if task_tools else "text"), None
             stop = [*stop, *templates.stop_strings(template)]
             if task_tools and (forced or req.tool_choice == "required"):
-                # A call it must make is held to the tools' schemas, answered as the bare JSON call.
-                grammar, kind = grammars.tool_call_grammar(task_tools, forced), "tool_call"
+                # A call it must make is held to the tools' schemas, answered as the bare JSON call
+                # (a JSON list of calls when parallel).
+                grammar = grammars.tool_call_grammar(task_tools, forced, parallel=parallel)
+                kind = "tool_call"
         else:
             prefix, body = render_chat(req.messages, target.prompt_format)
             kind, task_tools, defaults = "text", None, None
@@ -183,7 +175,7 @@ class JobBuilder:
         trace.tools = tools
         trace.stream = req.stream
         self.engine.prepare(gen)
-        return Job("chat.completions", target, gen, trace, kind, task_tools)
+        return Job("chat.completions", target, gen, trace, kind, task_tools, parallel_tool_calls=parallel)
 
     def chat_task_job(
         self, req: ChatCompletionRequest, task: Task, trace: TraceRecord, ctx: CallContext

@@ -5,7 +5,7 @@ client goes away), or stream it as server-sent events with its trace committed b
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
 
 from slm_agent.errors import SlmAgentError
@@ -14,6 +14,7 @@ from slm_agent.runtime.serving import responses
 from slm_agent.runtime.serving.context import CallContext, Job
 from slm_agent.runtime.serving.recorder import LocalAnswer, TraceRecorder
 from slm_agent.runtime.serving.sse import DONE, error_event
+from slm_agent.runtime.serving.tool_calls import CallReader, call_id
 
 
 class LocalRunner:
@@ -40,7 +41,9 @@ class LocalRunner:
         """Submit now (so a full queue is still a plain 429), then stream the answer as it comes."""
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str] = asyncio.Queue()
-        if job.output_kind not in ("tool_call", "tool_text"):  # a tool call is sent whole, once it parses
+        # A tool_text answer is held back: it may hold calls in the model's own syntax, known only
+        # once it is finished. Any other answer, a grammar-held call included, goes out as it comes.
+        if job.output_kind != "tool_text":
             job.gen.on_text = lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)
         try:
             future = self.engine.submit(job.gen)
@@ -60,8 +63,17 @@ class LocalRunner:
     ) -> AsyncIterator[bytes]:
         waiter = asyncio.wrap_future(future)
         chunks = responses.Chunks(job.trace.id, job.target.model_id, chat=chat)
+        calls = CallReader() if job.output_kind == "tool_call" else None
         finished = False
         result: GenerationResult | None = None
+
+        def piece(text: str) -> Iterator[bytes]:
+            if calls is None:
+                yield chunks.text(text)
+                return
+            for delta in calls.feed(text):  # the calls' pieces as the grammar-held text comes
+                yield from chunks.tool_call(delta, call_id(job.trace.id, delta.index))
+
         try:
             if chat:
                 yield chunks.role()
@@ -69,17 +81,21 @@ class LocalRunner:
                 getter = asyncio.ensure_future(pieces.get())
                 await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
-                    yield chunks.text(getter.result())
+                    for data in piece(getter.result()):
+                        yield data
                 else:
                     getter.cancel()
             while not pieces.empty():
-                yield chunks.text(pieces.get_nowait())
+                for data in piece(pieces.get_nowait()):
+                    yield data
             result = waiter.result()
             finish = responses.finish_reason(result.finish_reason)
             answer = responses.chat_answer(job, result) if chat else LocalAnswer(result.text)
             if answer.tool_calls:
                 finish = "tool_calls"
-                yield chunks.tool_calls([c.model_dump() for c in answer.tool_calls])
+                if calls is None:
+                    for data in chunks.finished_tool_calls([c.model_dump() for c in answer.tool_calls]):
+                        yield data
             if chat and not answer.tool_calls:
                 answer.text = result.text
                 if job.output_kind == "tool_text":  # held back in case it was a call: it was not

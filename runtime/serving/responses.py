@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from slm_agent.contracts.api import (
@@ -28,6 +28,7 @@ from slm_agent.runtime.serving import templates
 from slm_agent.runtime.serving.context import Job
 from slm_agent.runtime.serving.recorder import LocalAnswer
 from slm_agent.runtime.serving.sse import DONE, sse
+from slm_agent.runtime.serving.tool_calls import CallDelta, call_id, read_calls
 
 
 def finish_reason(finish: str | None) -> str:
@@ -45,26 +46,33 @@ def usage(result: GenerationResult) -> Usage:
 
 
 def parse_output(job: Job, result: GenerationResult) -> tuple[Any, list[ToolCall] | None]:
-    """The typed output of a finished job; a SchemaError when the answer breaks its contract."""
+    """The typed output of a finished job; a SchemaError when the answer breaks its contract.
+    A tool_call answer's output is its call ``{"name": ..., "arguments": {...}}``, or the list of
+    them when it made several."""
     text = result.text.strip()
     if job.output_kind == "text":
         return result.text, None
     if job.output_kind == "label":
         return text, None
     if job.output_kind == "tool_text":  # a templated model's answer: text, or calls in its own syntax
-        calls = templates.tool_calls(result.text, job.tools)
+        found = templates.tool_calls(result.text, job.tools)[: None if job.parallel_tool_calls else 1]
+        calls = [_numbered(job, i, c.function) for i, c in enumerate(found)]
         return ([c.function.model_dump() for c in calls], calls) if calls else (result.text, None)
+    if job.output_kind == "tool_call":
+        read = read_calls(result.text)
+        calls = [_numbered(job, i, ToolCallFunction(name=n, arguments=a)) for i, (n, a, _) in enumerate(read)]
+        values = [value for _, _, value in read]
+        return (values[0] if len(values) == 1 else values), calls
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         why = "it was cut off at max_tokens" if result.finish_reason == "length" else str(exc)
         raise SchemaError(f"the model's answer is not valid JSON ({why}): {text[:200]!r}") from exc
-    if job.output_kind == "tool_call":
-        call = ToolCall(
-            function=ToolCallFunction(name=value["name"], arguments=json.dumps(value.get("arguments", {})))
-        )
-        return value, [call]
     return value, None
+
+
+def _numbered(job: Job, index: int, function: ToolCallFunction) -> ToolCall:
+    return ToolCall(id=call_id(job.trace.id, index), function=function)
 
 
 def chat_answer(job: Job, result: GenerationResult) -> LocalAnswer:
@@ -162,8 +170,22 @@ class Chunks:
     def text(self, text: str) -> bytes:
         return sse(self.chunk({"content": text} if self.chat else text))
 
-    def tool_calls(self, calls: list[dict[str, Any]]) -> bytes:
-        return sse(self.chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}))
+    def tool_call(self, delta: CallDelta, ident: str) -> Iterator[bytes]:
+        """A piece of one call as OpenAI streams it: the call's first chunk has its id, type, name
+        and empty arguments; the next ones carry only pieces of its arguments."""
+        if delta.name is not None:
+            function = {"name": delta.name, "arguments": ""}
+            first = {"index": delta.index, "id": ident, "type": "function", "function": function}
+            yield sse(self.chunk({"tool_calls": [first]}))
+        if delta.arguments:
+            piece = {"index": delta.index, "function": {"arguments": delta.arguments}}
+            yield sse(self.chunk({"tool_calls": [piece]}))
+
+    def finished_tool_calls(self, calls: list[dict[str, Any]]) -> Iterator[bytes]:
+        """Calls known only once the answer was finished: each call's arguments in one piece."""
+        for index, call in enumerate(calls):
+            function = call["function"]
+            yield from self.tool_call(CallDelta(index, function["name"], function["arguments"]), call["id"])
 
     def finish(self, finish: str) -> bytes:
         return sse(self.chunk({} if self.chat else "", finish))
@@ -180,7 +202,8 @@ async def replay_as_stream(response: dict[str, Any]) -> AsyncIterator[bytes]:
     chunks = Chunks(response["id"], response["model"], chat=True, created=response["created"])
     yield chunks.role()
     if message.get("tool_calls"):
-        yield chunks.tool_calls(message["tool_calls"])
+        for data in chunks.finished_tool_calls(message["tool_calls"]):
+            yield data
     elif message.get("content"):
         yield chunks.text(message["content"])
     yield chunks.finish(choice["finish_reason"])
