@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -18,6 +19,7 @@ import pytest
 from slm_agent.models import BUNDLED_NAME, ModelManifest, ModelStore, ensure_bundled
 from slm_agent.models.encoder import Encoder
 from slm_agent.quantize.encoder import build_encoder, default_source
+from slm_agent.runtime.engine import Engine, EngineConfig
 
 # The remote LLM (llama-cpp-python's server) and the fault server, for every test module.
 pytest_plugins = ["remote_fixtures"]
@@ -176,6 +178,25 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, shared_store: ModelStore) -
     d = Daemon(home=home, port=free_port(), env=env).start()
     yield d
     d.stop()
+
+
+@pytest.fixture(scope="session")
+def two_loras(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two random LoRA adapters of the bundled base, lora1 and lora2: each changes greedy output."""
+    from lora import make_lora
+
+    folder = tmp_path_factory.mktemp("adapters")
+    return {f"lora{i}": make_lora(folder / f"lora{i}.gguf", model_path, seed=i, std=0.08) for i in (1, 2)}
+
+
+def engine_with(model_path: Path, adapters: dict[str, Path], **config: Any) -> Iterator[Engine]:
+    """A loaded engine on 2 threads with ``adapters`` loaded, shut down after (for fixtures)."""
+    engine = Engine(EngineConfig(model_path=model_path, n_threads=2, **config))
+    engine.load()
+    for name, path in adapters.items():
+        engine.load_adapter(name, path)
+    yield engine
+    engine.shutdown()
 
 
 @pytest.fixture(scope="session")

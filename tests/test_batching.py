@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from lora import make_lora
+from conftest import engine_with
 
 from slm_agent.errors import DeadlineExceededError
 from slm_agent.runtime.engine import Engine, EngineConfig, GenerationRequest, GenerationResult, grammars
@@ -43,21 +43,13 @@ MESSAGES = [
 
 
 @pytest.fixture(scope="module")
-def adapters(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("adapters")
-    return {f"lora{i}": make_lora(folder / f"lora{i}.gguf", model_path, seed=i, std=0.08) for i in (1, 2)}
+def adapters(two_loras: dict[str, Path]) -> dict[str, Path]:
+    return two_loras
 
 
 @pytest.fixture(scope="module")
 def engine(model_path: Path, adapters: dict[str, Path]) -> Iterator[Engine]:
-    engine = Engine(
-        EngineConfig(model_path=model_path, n_ctx=1024, n_threads=2, max_sequences=8, max_contexts=3)
-    )
-    engine.load()
-    for name, path in adapters.items():
-        engine.load_adapter(name, path)
-    yield engine
-    engine.shutdown()
+    yield from engine_with(model_path, adapters, n_ctx=1024, max_sequences=8, max_contexts=3)
 
 
 class Reference:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from lora import make_lora
+from conftest import engine_with
 
 from slm_agent.contracts.tasks import builtin_tasks
 from slm_agent.errors import (
@@ -19,27 +19,19 @@ from slm_agent.errors import (
     QueueFullError,
     SchemaError,
 )
-from slm_agent.runtime.engine import Engine, EngineConfig, GenerationRequest, grammars
+from slm_agent.runtime.engine import Engine, GenerationRequest, grammars
 
 PROMPT = "The three most important rivers of Europe are"
 
 
 @pytest.fixture(scope="module")
-def adapters(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("adapters")
-    return {f"lora{i}": make_lora(folder / f"lora{i}.gguf", model_path, seed=i, std=0.08) for i in (1, 2)}
+def adapters(two_loras: dict[str, Path]) -> dict[str, Path]:
+    return two_loras
 
 
 @pytest.fixture(scope="module")
 def engine(model_path: Path, adapters: dict[str, Path]) -> Iterator[Engine]:
-    engine = Engine(
-        EngineConfig(model_path=model_path, n_ctx=1024, n_threads=2, queue_size=2, prefix_cache_size=4)
-    )
-    engine.load()
-    for name, path in adapters.items():
-        engine.load_adapter(name, path)
-    yield engine
-    engine.shutdown()
+    yield from engine_with(model_path, adapters, n_ctx=1024, queue_size=2, prefix_cache_size=4)
 
 
 def greedy(
