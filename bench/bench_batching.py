@@ -1,6 +1,7 @@
 """Continuous batching (issue 14), each figure against its anchor in the same run.
 
-    python bench/bench_batching.py
+    python bench/bench_batching.py                  # all
+    python bench/bench_batching.py live busy        # some: throughput prefixes live busy
 
 Anchors: llama.cpp's own batched decode driven from Python with no engine around it (one
 ``llama_batch`` of N sequences a step, argmax of each row: the llama_batch limit), the engine
@@ -169,12 +170,14 @@ def live_beside_background(engine: Engine) -> None:
     idle = ttfts()
     shadow = [
         GenerationRequest(
-            prefix=PROMPTS[i], body="", max_tokens=2000, temperature=0.7, seed=i, background=True
+            prefix=PROMPTS[i], body="", max_tokens=400, temperature=0.7, seed=i, background=True
         )
         for i in range(8)
     ]
     futures = [engine.submit(engine.prepare(r)) for r in shadow]
-    while engine.stats.step_sequences == 0 or engine.running < 8:
+    deadline = time.monotonic() + 60
+    while engine.running < 8:  # admitted: each reserves its prompt + max_tokens of KV cells
+        assert time.monotonic() < deadline, f"only {engine.running} of 8 background sequences started"
         time.sleep(0.01)
     busy = ttfts()
     for r in shadow:
@@ -217,10 +220,15 @@ def main() -> None:
         engine.load_adapter("a", adapters[0])
         engine.load_adapter("b", adapters[1])
         engine.generate(engine.prepare(stories(1)[0]))  # warm
-        throughput(model, engine)
-        prefixes(engine)
-        live_beside_background(engine)
-        busy_core(engine)
+        wanted = set(sys.argv[1:]) or {"throughput", "prefixes", "live", "busy"}
+        if "throughput" in wanted:
+            throughput(model, engine)
+        if "prefixes" in wanted:
+            prefixes(engine)
+        if "live" in wanted:
+            live_beside_background(engine)
+        if "busy" in wanted:
+            busy_core(engine)
         engine.shutdown()
     print_table(ROWS)
 

@@ -264,3 +264,23 @@ def test_a_kv_budget_too_small_is_refused_with_the_numbers(model_path: Path) -> 
     engine = Engine(EngineConfig(model_path=model_path, n_ctx=4096, max_contexts=4, kv_budget_mb=64))
     with pytest.raises(InsufficientMemoryError, match=r"kv_budget_mb=64 .* 4096 cells"):
         engine.load()
+
+
+def test_a_live_request_takes_the_place_of_shadow_work(engine: Engine) -> None:
+    """Every sequence slot held by background (shadow) work: a live request does not wait for
+    one to finish; the youngest background sequence is cancelled for it (the shadow worker queues
+    a cancelled job again)."""
+    shadow = [
+        request(prefix=f"Story {i}: once upon a time", max_tokens=120, background=True) for i in range(8)
+    ]
+    futures = [engine.submit(engine.prepare(r)) for r in shadow]
+    deadline = time.monotonic() + 60
+    while engine.running < 8:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    preempted = engine.stats.preempted
+    live = engine.generate(engine.prepare(request(prefix="Q: What is 2 + 2?\nA:", max_tokens=3)))
+    assert live.finish_reason != "cancelled" and engine.stats.preempted == preempted + 1
+    finished = [f.result(120) for f in futures]
+    assert [r.finish_reason for r in finished].count("cancelled") == 1
+    assert finished[-1].finish_reason == "cancelled"  # the youngest

@@ -143,6 +143,17 @@ class AdapterContext:
             self._evict_oldest()
         return not self.sequences or self._reserved() + need <= self.shape.n_cells
 
+    def preempt_background(self) -> Sequence | None:
+        """End the youngest background sequence now (cancelled), so a live request can have its
+        place; the shadow worker queues a cancelled job again. None when there is none."""
+        for seq in reversed(self.sequences):
+            if seq.background and not seq.done:
+                seq.finish = "cancelled"
+                self._stats.preempted += 1
+                self._release(seq)
+                return seq
+        return None
+
     def admit(self, make: Callable[[int], Sequence]) -> Sequence:
         seq = make(self._free_ids.pop(0))
         self._fork_prefix(seq)
@@ -241,6 +252,11 @@ class AdapterContext:
             if (step := seq.next_step(0)) is not None:
                 plan.append((seq, step))
         room = self.shape.n_batch - sum(len(s.tokens) for _, s in plan)
+        if any(s.prefilling and not s.background and s not in ended for s in self.sequences):
+            # A live prompt is being read: shadow work's next token waits a step.
+            plan = [(seq, step) for seq, step in plan if not seq.background]
+            room = self.shape.n_batch - sum(len(s.tokens) for _, s in plan)
+        # Chunked only to keep live streams flowing.
         budget = min(room, PREFILL_CHUNK if plan else self.shape.n_batch)
         for seq in sorted(
             (s for s in self.sequences if s.prefilling and s not in ended), key=lambda s: s.background

@@ -388,10 +388,22 @@ class Engine:
             return True
         key: AdapterKey = (req.adapter, req.adapter_scale) if req.adapter and req.adapter_scale else None
         ctx = self._context(key)
-        if ctx is None or not ctx.can_take(
-            len(req.prefix_tokens) + len(req.body_tokens) + req.max_tokens + 1
-        ):
+        if ctx is None and not req.background:
+            # Live work goes first: a context that only shadow work holds is emptied for it.
+            for other in list(self._contexts.values()):
+                if all(s.background for s in other.sequences):
+                    while (gone := other.preempt_background()) is not None:
+                        self._settle([gone])
+                    ctx = self._context(key)
+                    break
+        if ctx is None:
             return False
+        need = len(req.prefix_tokens) + len(req.body_tokens) + req.max_tokens + 1
+        while not ctx.can_take(need):
+            # Shadow work in the way is cancelled (the shadow worker queues it again).
+            if req.background or (gone := ctx.preempt_background()) is None:
+                return False
+            self._settle([gone])
         if not future.set_running_or_notify_cancel():
             return True
         assert self._vocab is not None

@@ -88,6 +88,7 @@ class EngineStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cancelled: int = 0
+    preempted: int = 0  # background sequences cancelled to make room for live requests
     queue_ms: float = 0.0  # summed over started requests
     steps: int = 0  # decode steps, each over every sequence of one context that had work
     step_tokens: int = 0
