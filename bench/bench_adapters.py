@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import httpx
-from bench_daemon import ROWS, Daemon, make_adapters, row
+from bench_daemon import ROWS, Daemon, make_adapters, print_table, row
 
 from slm_agent.models import ModelStore, ensure_bundled
 
@@ -90,10 +90,7 @@ def main() -> None:
         adapter_mb = store.get(names[0]).size / 2**20
         first_use(home / "store", home, names)
         evicting(home / "store", home, names, adapter_mb)
-    print("| figure | ours | anchor | ratio | target |")
-    print("|---|---|---|---|---|")
-    for r in ROWS:
-        print("| " + " | ".join(r) + " |")
+    print_table(ROWS)
 
 
 if __name__ == "__main__":

@@ -98,8 +98,7 @@ def stories(n: int, adapters: list[str | None] | None = None) -> list[Generation
             prefix=PROMPTS[i % len(PROMPTS)],
             body="",
             max_tokens=N_TOKENS,
-            temperature=0.7,
-            seed=i,
+            temperature=0.0,
             adapter=names[i],
         )
         for i in range(n)
