@@ -64,6 +64,23 @@ class WeatherTools:
         return str(fahrenheit(celsius))
 
 
+_CLIENTS: list[AsyncOpenAI] = []
+
+
+def run_closing(coro: Any) -> Any:
+    """``asyncio.run``, closing the SDK clients made meanwhile in the same loop: one left to the
+    garbage collector closes its sockets in whatever loop runs then, and fails that other test."""
+
+    async def main() -> Any:
+        try:
+            return await coro
+        finally:
+            while _CLIENTS:
+                await _CLIENTS.pop().close()
+
+    return asyncio.run(main())
+
+
 def sdk_agent(daemon: Daemon, tools: WeatherTools, model: str, **settings: Any) -> Agent[Any]:
     @function_tool
     def get_weather(city: str) -> str:
@@ -76,6 +93,7 @@ def sdk_agent(daemon: Daemon, tools: WeatherTools, model: str, **settings: Any) 
         return tools.to_fahrenheit(celsius)
 
     client = AsyncOpenAI(base_url=f"{daemon.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    _CLIENTS.append(client)
     return Agent(
         name="weather",
         instructions="Answer weather questions with the tools.",
@@ -111,7 +129,7 @@ def assert_remote_loop(daemon: Daemon, tools: WeatherTools, since: int, endpoint
 def test_agents_sdk_runs_two_tools_to_the_final_answer(daemon: Daemon) -> None:
     tools = WeatherTools()
     since = last_seq(daemon)
-    result = asyncio.run(Runner.run(sdk_agent(daemon, tools, REMOTE_MODEL), QUESTION))
+    result = run_closing(Runner.run(sdk_agent(daemon, tools, REMOTE_MODEL), QUESTION))
     assert result.final_output == EXPECTED
     assert_remote_loop(daemon, tools, since, "responses")
 
@@ -131,7 +149,7 @@ def test_agents_sdk_streamed_run(daemon: Daemon) -> None:
                 raw.add(event.data.type)
         return streamed, kinds, raw
 
-    streamed, kinds, raw = asyncio.run(run())
+    streamed, kinds, raw = run_closing(run())
     assert streamed.final_output == EXPECTED
     # The answers came as the daemon's Responses events, not as one replayed body.
     assert {"response.function_call_arguments.delta", "response.output_text.delta"} <= raw
@@ -165,7 +183,7 @@ def test_agents_sdk_on_the_bundled_model_calls_a_forced_tool_then_answers(
         max_tokens=200,
         temperature=0,
     )
-    result = asyncio.run(run_agent(agent, stream))
+    result = run_closing(run_agent(agent, stream))
     assert [name for name, _ in tools.calls] == ["get_weather"]
     assert isinstance(tools.calls[0][1]["city"], str)
     assert isinstance(result.final_output, str)
