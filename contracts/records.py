@@ -72,6 +72,11 @@ class TraceRecord(BaseModel):
     def complete_later(self, finish: Callable[[], None]) -> None:
         self._pending = finish
 
+    @property
+    def incomplete(self) -> bool:
+        """``complete`` has work left (which may block until the matcher's thread answers)."""
+        return self._pending is not None
+
     def complete(self) -> None:
         """Run what ``complete_later`` left (once); the writer calls it before the row is written."""
         finish, self._pending = self._pending, None

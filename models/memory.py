@@ -12,6 +12,8 @@ from slm_agent.models.manifest import GGUFInfo, ModelManifest
 # llama.cpp's compute buffers and scratch: measured ~60-90 MB for gemma-3-270m at n_ctx 4096.
 _COMPUTE_OVERHEAD = 96 * 1024 * 1024
 _KV_BYTES_PER_ELEMENT = 2  # f16 cache
+# What a KV cell is taken to cost when the GGUF does not say (about a 1B model's).
+UNKNOWN_KV_BYTES_PER_CELL = 32 * 1024
 
 
 class MemoryEstimate(BaseModel):
@@ -34,10 +36,14 @@ def kv_bytes_per_token(info: GGUFInfo | None) -> int:
     return info.block_count * info.head_count_kv * (key_len + value_len) * _KV_BYTES_PER_ELEMENT
 
 
-def estimate(manifest: ModelManifest, n_ctx: int) -> MemoryEstimate:
-    """Weights (the file, memory-mapped) + KV cache at ``n_ctx`` + compute buffers."""
-    kv = kv_bytes_per_token(manifest.info) * n_ctx
-    overhead = _COMPUTE_OVERHEAD if manifest.kind == "base" else 0
+def estimate(
+    manifest: ModelManifest, n_ctx: int, kv_cells: int | None = None, contexts: int = 1
+) -> MemoryEstimate:
+    """Weights (the file, memory-mapped) + KV cache + compute buffers of ``contexts`` contexts.
+    The KV cache holds ``n_ctx`` cells unless the engine's plan says how many (``kv_cells``, all
+    contexts together)."""
+    kv = kv_bytes_per_token(manifest.info) * (kv_cells if kv_cells is not None else n_ctx)
+    overhead = _COMPUTE_OVERHEAD * contexts if manifest.kind == "base" else 0
     return MemoryEstimate(
         weights_bytes=manifest.size, kv_cache_bytes=kv, overhead_bytes=overhead, n_ctx=n_ctx
     )

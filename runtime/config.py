@@ -113,6 +113,11 @@ class Settings(BaseSettings):
     shadow_queue: int = Field(
         64, ge=1, description="Shadow comparisons waiting for an idle engine; the oldest gives way."
     )
+    shadow_concurrency: int = Field(
+        4,
+        ge=1,
+        description="Shadow comparisons decoded together while the engine is idle (at most max_sequences).",
+    )
 
     # -- embeddings --------------------------------------------------------------------------------
     embedding_model: str = Field(

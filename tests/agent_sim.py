@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from slm_agent.contracts.signature import message_text, request_content
+from slm_agent.runtime.remote.assembled import AssembledMessage
 
 if TYPE_CHECKING:
     import openai
@@ -362,15 +363,22 @@ def is_correct(call: AgentCall, message: dict[str, Any]) -> bool:
     return content.strip() == expected["content"]
 
 
-def run_agent(client: openai.OpenAI, calls: Sequence[AgentCall]) -> list[AgentResult]:
-    """Send each call in turn, as the agent would, reading the daemon's route headers as it goes."""
+def run_agent(client: openai.OpenAI, calls: Sequence[AgentCall], stream: bool = False) -> list[AgentResult]:
+    """Send each call in turn, as the agent would, reading the daemon's route headers as it goes;
+    ``stream``: as a streaming agent, reading the message from its chunks."""
     results = []
     for call in calls:
         start = time.perf_counter()
-        raw = client.chat.completions.with_raw_response.create(**call.body)
-        completion = raw.parse()
+        raw = client.chat.completions.with_raw_response.create(**call.body, stream=stream)
+        parsed: Any = raw.parse()  # a Stream of chunks when streaming, else the completion
+        if stream:
+            assembled = AssembledMessage()
+            for chunk in parsed:
+                assembled.add(chunk.model_dump(mode="json", exclude_none=True))
+            message = assembled.message
+        else:
+            message = parsed.choices[0].message.model_dump(mode="json", exclude_none=True)
         latency_ms = (time.perf_counter() - start) * 1000
-        message = completion.choices[0].message.model_dump(mode="json", exclude_none=True)
         results.append(
             AgentResult(
                 call=call,

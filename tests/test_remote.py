@@ -17,6 +17,7 @@ from faultserver import Fault, FaultServer
 
 from slm_agent.errors import BadRequestError, BudgetExceededError, RemoteError, UnavailableError
 from slm_agent.runtime.config import Settings
+from slm_agent.runtime.remote.assembled import AssembledMessage
 from slm_agent.runtime.remote.client import RemoteClient
 from slm_agent.runtime.remote.settings import RemoteProvider, RemoteResult, RemoteSettings
 from slm_agent.runtime.remote.streaming import STREAM_INTERRUPTED, AsyncRemoteStream
@@ -110,11 +111,55 @@ def test_stream_passes_chunks_through_as_they_arrive(llama_server: str) -> None:
         for choice in chunk["choices"]:
             pieces.append(choice["delta"].get("content") or "")
     assert len(arrivals) >= 5
+    assembled = AssembledMessage()
+    for chunk in read(client, client.astream_chat(body(PROMPT, max_tokens=24, temperature=0))):
+        assembled.add(chunk)
+    assert assembled.message == {"role": "assistant", "content": "".join(pieces)}
+    assert assembled.finish_reason in ("stop", "length")
     # Chunks come as the model decodes (~tens of ms apart), not in one burst at the end.
     assert arrivals[-1] - arrivals[0] > 0.1
     assert "".join(pieces)
     assert stream.result is not None and stream.result.completion_tokens > 0
     assert stream.result.cost_usd > 0
+
+
+def test_streamed_tool_calls_add_up_to_the_message() -> None:
+    """Deltas as OpenAI streams parallel calls: id and name once, arguments in fragments, each
+    call keyed by its index, interleaved."""
+    chunks = [
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": None}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [
+            {"index": 0, "id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": ""}},
+        ]}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [
+            {"index": 1, "id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": '{"tz"'}},
+        ]}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '"Oslo"}'}}]}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 1, "function": {"arguments": ': "CET"}'}}]}}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+        {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 20, "total_tokens": 29}},
+    ]  # fmt: skip
+    assembled = AssembledMessage()
+    for chunk in chunks:
+        assembled.add(chunk)
+    assert assembled.finish_reason == "tool_calls"
+    assert assembled.message == {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_a",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+            },
+            {
+                "id": "call_b",
+                "type": "function",
+                "function": {"name": "get_time", "arguments": '{"tz": "CET"}'},
+            },
+        ],
+    }
 
 
 def test_async_stream_and_chat_through_llama_server(llama_server: str) -> None:

@@ -255,10 +255,7 @@ def test_policy_demotes_on_drift_only_when_confidently_worse() -> None:
     assert next_state(LABELS, live, tally([False] * 10)) is None  # the window is not full yet
 
 
-def test_promoter_promotes_with_a_gate_then_demotes(states: tuple[TaskStates, list[Any]]) -> None:
-    store, _ = states
-    promoter = Promoter(store)
-    task = LABELS.model_copy(update={"promotion": Promotion(min_pairs=50, drift_window=20)})
+def promoted_with_a_gate(promoter: Promoter, task: Task) -> TaskState:
     assert promoter.ensure_adapter("triage", "triage-v1").state == "shadow"
     x, agreed = synthetic_pairs(400, seed=4)
     state = None
@@ -267,15 +264,39 @@ def test_promoter_promotes_with_a_gate_then_demotes(states: tuple[TaskStates, li
         if state.state == "live":
             break
     assert state is not None and state.state == "live" and state.gate is not None
+    return state
+
+
+GATED = LABELS.model_copy(update={"promotion": Promotion(min_pairs=50, drift_window=20)})
+
+
+def test_promoter_promotes_with_a_gate_then_demotes(states: tuple[TaskStates, list[Any]]) -> None:
+    store, _ = states
+    promoter = Promoter(store)
+    state = promoted_with_a_gate(promoter, GATED)
+    assert state.gate is not None
     assert state.reason.startswith("promoted with a gate") and state.gate.coverage < 1
     assert promoter.ensure_adapter("triage", "triage-v1").state == "live"  # a restart keeps it
     confident = [0.5, 0.5, 1.0, 5.0, 3.0, 2.0]  # far on the gate's "agrees" side
     for _ in range(20):
-        state = promoter.record_pair(task, pair(False, features=confident))
+        state = promoter.record_pair(GATED, pair(False, features=confident))
     assert state.state == "demoted" and state.gate is None
-    again = promoter.record_pair(task, pair(True, features=confident))
+    again = promoter.record_pair(GATED, pair(True, features=confident))
     assert again.state == "demoted" and store.stats("triage", "triage-v1").n == 1  # new pairs only
     assert promoter.ensure_adapter("triage", "triage-v2").state == "shadow"
+
+
+def test_a_live_gate_is_refitted_as_pairs_arrive(states: tuple[TaskStates, list[Any]]) -> None:
+    """Sampled and gated-out live requests keep adding pairs: the gate learns from them, and
+    from the shadow pairs before."""
+    promoter = Promoter(states[0])
+    state = promoted_with_a_gate(promoter, GATED)
+    assert state.gate is not None
+    fitted_on = state.gate.n
+    x, agreed = synthetic_pairs(120, seed=5)
+    for features, verdict in zip(x.tolist(), agreed.tolist(), strict=True):
+        state = promoter.record_pair(GATED, pair(verdict, features=features))
+    assert state.state == "live" and state.gate is not None and state.gate.n > fitted_on
 
 
 def test_manual_override_needs_an_adapter(states: tuple[TaskStates, list[Any]]) -> None:
@@ -383,6 +404,17 @@ def test_interrupted_background_prefill_resumes_where_it_stopped(engine: Engine)
     assert again.finish_reason != "cancelled"
     assert again.cached_tokens >= 48  # resumed from the interrupted run's snapshot
     assert len(engine.prefix_cache) == saved_before  # live requests' saved prefixes untouched
+
+
+def test_a_job_whose_adapter_is_gone_is_dropped(engine: Engine, worker: ShadowWorker) -> None:
+    """Its adapter was replaced since the job was queued: the worker drops it and goes on (put
+    back on every 503, it would hold the worker forever)."""
+    stale = label_job("Report: login fails. Bug or question? Answer:", 2)
+    stale.job.gen.adapter = "replaced-v1"
+    worker.submit(stale)
+    worker.submit(label_job("Report: the app crashes. Bug or question? Answer:", 2))
+    wait_for(lambda: worker.counters.completed == 1, timeout=60)
+    assert worker.counters.dropped == 1 and worker.pending == 0
 
 
 def test_a_full_queue_drops_its_oldest_job_and_stop_is_clean(engine: Engine, states: Any) -> None:

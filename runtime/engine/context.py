@@ -36,8 +36,8 @@ MIN_KEPT_PREFIX = 48
 # mid-decode delays the others' next token by one such chunk (~0.1 s here), never by its whole
 # prefill. Alone, a prompt is read in one step of up to n_batch tokens.
 PREFILL_CHUNK = 32
-# Background (shadow) prompts are always read in small chunks: a live request arriving meanwhile
-# starts after at most one of them (~50 ms here).
+# Background (shadow) prompts are always read in small chunks, all of them together no more than
+# this a step: a live request arriving meanwhile starts after at most one such step (~50 ms here).
 BACKGROUND_PREFILL_CHUNK = 16
 
 AdapterKey = tuple[str, float] | None  # (adapter name, scale); None is the base model
@@ -97,6 +97,7 @@ class AdapterContext:
         self._free_ids = list(range(shape.max_sequences))
         self._prefix_ids = list(range(shape.max_sequences, shape.max_sequences + shape.max_prefixes))
         self._residents: OrderedDict[tuple[int, ...], Resident] = OrderedDict()
+        self._turn = 0  # the next background sequence to decode when only some may
 
     def _set_adapter(self, handle: Any) -> None:
         import llama_cpp
@@ -239,23 +240,33 @@ class AdapterContext:
         return resident
 
     # -- decoding ---------------------------------------------------------------------------------
-    def step(self) -> list[Sequence]:
+    @property
+    def serves_live(self) -> bool:
+        return any(not s.background for s in self.sequences)
+
+    @property
+    def reading_live_prompt(self) -> bool:
+        """A live request's prompt is being read here: it comes before any shadow token."""
+        return any(s.prefilling and not s.background and not s.done for s in self.sequences)
+
+    def step(self, background_decoders: int | None = None) -> list[Sequence]:
         """One decode over every sequence that has work: each decoding one its next token(s),
-        prefilling ones a chunk of their prompt (live before background). Returns the
+        prefilling ones a chunk of their prompt (live before background); of the background
+        sequences decoding, at most ``background_decoders`` (in turn) when given. Returns the
         sequences that finished or failed; their futures are not set yet."""
 
         ended = [s for s in self.sequences if self._cancelled_or_late(s)]
         plan: list[tuple[Sequence, Step]] = []
-        for seq in self.sequences:
-            if seq.done or seq in ended or seq.prefilling:
-                continue
+        for seq in self._decoders(ended, background_decoders):
             if (step := seq.next_step(0)) is not None:
                 plan.append((seq, step))
         room = self.shape.n_batch - sum(len(s.tokens) for _, s in plan)
-        if any(s.prefilling and not s.background and s not in ended for s in self.sequences):
-            # A live prompt is being read: shadow work's next token waits a step.
+        background_budget = BACKGROUND_PREFILL_CHUNK
+        if self.reading_live_prompt:
+            # A live prompt is being read: shadow work's next token (or prompt chunk) waits a step.
             plan = [(seq, step) for seq, step in plan if not seq.background]
             room = self.shape.n_batch - sum(len(s.tokens) for _, s in plan)
+            background_budget = 0
         # Chunked only to keep live streams flowing.
         budget = min(room, PREFILL_CHUNK if plan else self.shape.n_batch)
         for seq in sorted(
@@ -267,10 +278,12 @@ class AdapterContext:
             stop_at = (
                 len(kept) if len(kept) >= MIN_KEPT_PREFIX and tuple(kept) not in self._residents else None
             )
-            chunk = min(budget, BACKGROUND_PREFILL_CHUNK) if seq.background else budget
-            if (step := seq.next_step(chunk, stop_at)) is not None:
+            chunk = min(budget, background_budget) if seq.background else budget
+            if chunk > 0 and (step := seq.next_step(chunk, stop_at)) is not None:
                 plan.append((seq, step))
                 budget -= len(step.tokens)
+                if seq.background:
+                    background_budget -= len(step.tokens)
         if plan:
             self._decode(plan, ended)
         for seq in self.sequences:
@@ -279,6 +292,18 @@ class AdapterContext:
         for seq in ended:
             self._release(seq)
         return ended
+
+    def _decoders(self, ended: list[Sequence], background_limit: int | None) -> list[Sequence]:
+        """The sequences past their prompt that decode this step: every live one, and the
+        background ones up to ``background_limit``, taking turns."""
+        ready = [s for s in self.sequences if not s.done and s not in ended and not s.prefilling]
+        background = [s for s in ready if s.background]
+        if background_limit is None or len(background) <= background_limit:
+            return ready
+        start = self._turn % len(background)
+        self._turn += background_limit
+        chosen = (background[start:] + background[:start])[:background_limit]
+        return [s for s in ready if not s.background or s in chosen]
 
     def _cancelled_or_late(self, seq: Sequence) -> bool:
         if seq.finish is not None:

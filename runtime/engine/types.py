@@ -25,6 +25,12 @@ class EngineConfig:
     # "gbnf" samples every constraint under llama.cpp's GBNF grammars (the path before llguidance).
     constraints: ConstraintEngine = "llguidance"
 
+    def kv_cells(self, bytes_per_cell: int) -> int:
+        """KV cells each context gets: its share of the budget, never more than its sequences can
+        use, in llama.cpp's steps of 256."""
+        per_context = self.kv_budget_mb * 2**20 // max(1, self.max_contexts)
+        return min(per_context // bytes_per_cell, self.n_ctx * self.max_sequences) // 256 * 256
+
 
 @dataclass
 class GenerationRequest:

@@ -11,7 +11,7 @@ from pathlib import Path
 from slm_agent.contracts.tasks import TaskRegistry
 from slm_agent.errors import SlmAgentError
 from slm_agent.models import BUNDLED_NAME, ModelManifest, ModelStore, ensure_bundled, estimate
-from slm_agent.models.memory import ensure_fits
+from slm_agent.models.memory import UNKNOWN_KV_BYTES_PER_CELL, ensure_fits, kv_bytes_per_token
 from slm_agent.runtime.agents.runs import AgentRunner
 from slm_agent.runtime.config import Settings
 from slm_agent.runtime.embedding.service import EmbeddingService, build_embeddings
@@ -77,24 +77,30 @@ def build_services(settings: Settings) -> Services:
     store = ModelStore(settings.store_dir)
     base = resolve_base(settings, store)
     tasks = TaskRegistry(settings.tasks_dir)
-    needed = estimate(base, settings.n_ctx).total_bytes
+    config = EngineConfig(
+        model_path=store.path_of(base),
+        n_ctx=settings.n_ctx,
+        n_threads=settings.n_threads,
+        n_batch=settings.n_batch,
+        queue_size=settings.queue_size,
+        prefix_cache_size=settings.prefix_cache_size,
+        max_sequences=settings.max_sequences,
+        max_contexts=settings.max_contexts,
+        kv_budget_mb=settings.kv_budget_mb,
+    )
+    # The KV cache the engine will plan (every context at its share of kv_budget_mb), not n_ctx's.
+    cells = config.kv_cells(kv_bytes_per_token(base.info) or UNKNOWN_KV_BYTES_PER_CELL)
+    needed = estimate(base, settings.n_ctx, cells * config.max_contexts, config.max_contexts).total_bytes
     adapters = _adapter_names(settings, tasks)
     needed += sum(store.get(a).size for a in adapters if store.has(a))
     limit = settings.max_memory_mb * 2**20 if settings.max_memory_mb else None
-    ensure_fits(needed, f"model {base.name} at n_ctx={settings.n_ctx}", limit)
-    engine = Engine(
-        EngineConfig(
-            model_path=store.path_of(base),
-            n_ctx=settings.n_ctx,
-            n_threads=settings.n_threads,
-            n_batch=settings.n_batch,
-            queue_size=settings.queue_size,
-            prefix_cache_size=settings.prefix_cache_size,
-            max_sequences=settings.max_sequences,
-            max_contexts=settings.max_contexts,
-            kv_budget_mb=settings.kv_budget_mb,
-        )
+    ensure_fits(
+        needed,
+        f"model {base.name} with {config.max_contexts} contexts of {cells} KV cells (kv_budget_mb="
+        f"{config.kv_budget_mb})",
+        limit,
     )
+    engine = Engine(config)
     redacted = settings.traces.store_redacted  # every table that quotes prompts keeps the same form
     traces = TraceStore(settings.db_path, store_redacted=redacted)
     metrics = Metrics(engine)
@@ -120,7 +126,13 @@ def build_services(settings: Settings) -> Services:
         on_new_signature=traces.tag_signature,
     )
     promoter = Promoter(TaskStates(settings.db_path, on_event=events.publish, store_redacted=redacted))
-    shadow = ShadowWorker(engine, promoter, events.publish, capacity=settings.shadow_queue)
+    shadow = ShadowWorker(
+        engine,
+        promoter,
+        events.publish,
+        capacity=settings.shadow_queue,
+        concurrency=min(settings.shadow_concurrency, settings.max_sequences),
+    )
     metrics.watch_shadow(promoter, shadow)
     escalation = Escalation(
         jobs,

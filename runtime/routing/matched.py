@@ -5,8 +5,9 @@ against the remote (shadow), and once it has earned it, answer locally (live).
   shadow worker, which runs it on the adapter only when the engine is idle and scores the pair.
 - ``live``: the adapter answers; the answer stands only if it keeps the task's contract and the
   per-request gate predicts agreement, otherwise the call goes to the remote as before (reason
-  ``gate``). A sample of the local answers (``promotion.shadow_sample``) is also asked of the
-  remote in the background and scored, so drift demotes the task.
+  ``gate``; ``busy`` when the engine's queue is full). A sample of the local answers
+  (``promotion.shadow_sample``) is also asked of the remote in the background and scored, so
+  drift demotes the task.
 """
 
 from __future__ import annotations
@@ -15,18 +16,19 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from slm_agent.contracts.api import ChatCompletionRequest
 from slm_agent.contracts.records import TraceRecord
 from slm_agent.contracts.signature import request_content
 from slm_agent.contracts.tasks import Task
-from slm_agent.errors import SlmAgentError
+from slm_agent.errors import QueueFullError, SlmAgentError, UnavailableError
 from slm_agent.runtime.engine import GenerationResult
 from slm_agent.runtime.routing.outcome import Outcome
 from slm_agent.runtime.routing.review import local_failure
-from slm_agent.runtime.routing.router import RouteDecision
+from slm_agent.runtime.routing.router import RouteDecision, RouteReason
 from slm_agent.runtime.serving import responses
 from slm_agent.runtime.serving.context import CallContext, Job
 from slm_agent.runtime.serving.jobs import JobBuilder
@@ -44,6 +46,20 @@ Announce = Callable[[RouteDecision, TraceRecord], None]
 Proxy = Callable[[RouteDecision], Awaitable[Outcome | None]]
 # The agent's request asked of the remote once more (non-streaming): its assistant message.
 AskRemote = Callable[[], Awaitable[dict[str, Any]]]
+
+
+# Engine refusals a live task hands to the remote (which then writes the call's one trace).
+HANDED_ON = (QueueFullError, UnavailableError)
+# A local answer made but not given: the job and what the engine said.
+Local = tuple[Job, GenerationResult]
+
+
+@dataclass
+class ToRemote:
+    """A live task's call the remote answers after all, with the local answer held back, if any."""
+
+    decision: RouteDecision
+    held: Local | None = None
 
 
 class MatchedCalls:
@@ -87,23 +103,73 @@ class MatchedCalls:
         """A proxied call: answered by a live adapter, or by the remote (then shadowed when its
         task's adapter is still being verified)."""
         candidate = self.candidate(trace.task)
+        held: Local | None = None
         if candidate is not None and candidate[1].state == "live":
             answered = await self.live(body, *candidate, trace, ctx, recheck)
             if isinstance(answered, Outcome):
                 return answered
-            decision = answered
+            decision, held = answered.decision, answered.held
         outcome = await proxy(decision)
-        if outcome is None or outcome.body is None:
+        if outcome is None:
             return outcome
+        if outcome.stream is not None:
+            shadowed = self._shadow_after_stream(outcome.stream, body, trace, ctx, candidate, held)
+            return Outcome(trace, stream=shadowed, status=outcome.status)
+        if outcome.body is not None:
+            remote = (outcome.body.get("choices") or [{}])[0].get("message") or {}
+            self._shadow_remote(body, trace, ctx, candidate, remote, held)
+        return outcome
+
+    async def _shadow_after_stream(
+        self,
+        stream: AsyncIterator[bytes],
+        body: ChatCompletionRequest,
+        trace: TraceRecord,
+        ctx: CallContext,
+        candidate: tuple[Task, TaskState] | None,
+        held: Local | None,
+    ) -> AsyncIterator[bytes]:
+        """Pass a streamed remote answer on; once it has ended well (and its trace holds the
+        assembled message), make its shadow pair as for a non-streamed one."""
+        try:
+            async for part in stream:
+                yield part
+        finally:
+            # A client that goes away closes this generator only: the remote stream's own
+            # cleanup (stop the remote, trace what was said as 499) must still run now.
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        if trace.status == 200 and trace.route == "remote":
+            remote: dict[str, Any] = {"role": "assistant", "content": trace.response or None}
+            if trace.tool_calls:
+                remote["tool_calls"] = trace.tool_calls
+            self._shadow_remote(body, trace, ctx, candidate, remote, held)
+
+    def _shadow_remote(
+        self,
+        body: ChatCompletionRequest,
+        trace: TraceRecord,
+        ctx: CallContext,
+        candidate: tuple[Task, TaskState] | None,
+        remote: dict[str, Any],
+        held: Local | None,
+    ) -> None:
+        """Pair a remote answer with the adapter's: the one a live task's gate held back (scored
+        now: the gate keeps learning where it said no), or one the shadow worker will make when
+        the task is being verified."""
+        if candidate is not None and held is not None:
+            pair = self._shadow_job(body, candidate[0], held[0], remote, trace.remote_latency_ms)
+            # SQLite writes and maybe a gate refit: off the event loop.
+            self._spawn(asyncio.to_thread(self.shadow.compare, pair, held[1]))
+            return
         # A content match that could not change the route settles when the trace is written:
         # only now is this call's task known.
         candidate = candidate or self.candidate(trace.task)
         if candidate is not None and candidate[1].state in ("shadow", "demoted"):
-            remote = (outcome.body.get("choices") or [{}])[0].get("message") or {}
             # Building the adapter's prompt tokenizes it: off the event loop, and the agent does
             # not wait for it.
             self._spawn(asyncio.to_thread(self.shadow_remote_answer, body, candidate[0], trace, ctx, remote))
-        return outcome
 
     async def live(
         self,
@@ -113,18 +179,19 @@ class MatchedCalls:
         trace: TraceRecord,
         ctx: CallContext,
         ask_remote: AskRemote,
-    ) -> Outcome | RouteDecision:
+    ) -> Outcome | ToRemote:
         """The adapter's answer, or the decision to let the remote answer this one (reason ``gate``)
         when the gate or the task's contract says so; the caller proxies it."""
         try:
             job = await asyncio.to_thread(self.jobs.chat_task_job, body, task, trace, ctx)
         except SlmAgentError as exc:  # e.g. the prompt does not fit the context: the remote answers
-            decision = RouteDecision(
-                route="remote", reason="gate", detail=f"not answerable locally: {exc.message}"
-            )
-            self.announce(decision, trace)
-            return decision
-        result = await self.local.run(job, ctx)
+            return self._to_remote("gate", f"not answerable locally: {exc.message}", trace)
+        try:
+            result = await self.local.run(job, ctx, handed_on=HANDED_ON)
+        except HANDED_ON as exc:
+            # The agent asked the remote's model: a saturated engine (or an adapter being
+            # replaced) hands the call back to the remote instead of answering 429/503.
+            return self._to_remote("busy", f"the local engine cannot take it now: {exc.message}", trace)
         if result.finish_reason == "cancelled":
             self.recorder.local(job, result, status=499)
             return Outcome(trace, status=499)
@@ -132,9 +199,7 @@ class MatchedCalls:
         features = self._features(body, job, result, trace)
         if failure is not None or (state.gate is not None and not state.gate.allows(features)):
             why = failure or f"the gate predicts disagreement (threshold {state.gate.threshold:.2f})"  # type: ignore[union-attr]
-            decision = RouteDecision(route="remote", reason="gate", detail=why)
-            self.announce(decision, trace)
-            return decision
+            return self._to_remote("gate", why, trace, held=(job, result))
         answer = responses.chat_answer(job, result)
         response = responses.chat_completion(job, result, answer).model_dump(exclude_none=True)
         detail = f"task {task.name!r} is live on adapter {task.adapter!r}"
@@ -146,6 +211,13 @@ class MatchedCalls:
         if body.stream:
             return Outcome(trace, stream=responses.replay_as_stream(response))
         return Outcome(trace, body=response)
+
+    def _to_remote(
+        self, reason: RouteReason, detail: str, trace: TraceRecord, held: Local | None = None
+    ) -> ToRemote:
+        decision = RouteDecision(route="remote", reason=reason, detail=detail)
+        self.announce(decision, trace)
+        return ToRemote(decision, held)
 
     def shadow_remote_answer(
         self,

@@ -5,6 +5,7 @@ falls back to the local model.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -15,6 +16,7 @@ from slm_agent.contracts.records import TraceRecord
 from slm_agent.contracts.tasks import Task
 from slm_agent.errors import RemoteError, SlmAgentError, UnavailableError
 from slm_agent.runtime.remote import tasks as remote_tasks
+from slm_agent.runtime.remote.assembled import AssembledMessage
 from slm_agent.runtime.remote.client import RemoteClient
 from slm_agent.runtime.remote.settings import RemoteResult
 from slm_agent.runtime.remote.streaming import AsyncRemoteStream
@@ -24,6 +26,14 @@ from slm_agent.runtime.serving.context import CallContext, Job, new_trace
 from slm_agent.runtime.serving.recorder import TraceRecorder
 from slm_agent.runtime.serving.responses import finish_reason
 from slm_agent.runtime.serving.sse import DONE, error_event, sse
+
+
+async def completed(trace: TraceRecord) -> None:
+    """Let a content match still embedding finish off the event loop: the trace writer would
+    otherwise wait for it there, holding up every other request."""
+    if trace.incomplete:
+        await asyncio.to_thread(trace.complete)
+
 
 # Failures that mean "the remote did not answer": the local answer is the fallback.
 FALLBACK = (RemoteError, UnavailableError)
@@ -82,6 +92,7 @@ class RemoteAnswers:
             self.recorder.failed(trace, exc, started=started, attempts=attempts)
             raise
         trace.tool_calls = result.message.get("tool_calls")
+        await completed(trace)
         self.finish(
             trace, decision, result, attempts, result.message.get("content"), result.finish_reason, started
         )
@@ -96,21 +107,24 @@ class RemoteAnswers:
         attempts: Attempts,
         started: float,
     ) -> AsyncIterator[bytes]:
-        parts: list[str] = []
+        answer = AssembledMessage()
         done = False
         try:
             if first is not None:
-                _collect(first, parts)
+                answer.add(first)
                 yield sse(first)
             async for chunk in stream:
-                _collect(chunk, parts)
+                answer.add(chunk)
                 yield sse(chunk)
             assert stream.result is not None
-            self.finish(trace, decision, stream.result, attempts, "".join(parts), "stop", started)
+            trace.tool_calls = answer.tool_calls
+            finish = answer.finish_reason or "stop"
+            await completed(trace)
+            self.finish(trace, decision, stream.result, attempts, answer.text, finish, started)
             done = True
             yield DONE
         except SlmAgentError as exc:
-            trace.response = "".join(parts)
+            trace.response = answer.text
             self.recorder.failed(trace, exc, started=started, attempts=attempts)
             done = True
             # No [DONE] after it: a client that ignores error events must not see a whole answer.
@@ -118,7 +132,7 @@ class RemoteAnswers:
         finally:
             if not done:  # the client went away: stop the remote, keep what was said
                 await stream.aclose()
-                trace.response, trace.status = "".join(parts), 499
+                trace.response, trace.status = answer.text, 499
                 self.recorder.failed(trace, started=started)
 
     async def task(
@@ -206,10 +220,3 @@ class RemoteAnswers:
         trace.redactions = result.redactions or None  # kind -> count; values never leave the client
         trace.attempts = [*attempts, remote_attempt(result, decision)]
         self.recorder.remote(trace, started)
-
-
-def _collect(chunk: dict[str, Any], parts: list[str]) -> None:
-    for choice in chunk.get("choices") or []:
-        content = (choice.get("delta") or {}).get("content")
-        if content:
-            parts.append(content)

@@ -30,7 +30,7 @@ __all__ = [
 # promoted: a matched task's adapter answers for the remote (shadow mode earned it); gate: that
 # task is live, but this request's answer was predicted to disagree, so the remote answers it.
 RouteReason = Literal[
-    "policy", "proxy", "planning", "validation", "confidence", "offline", "promoted", "gate"
+    "policy", "proxy", "planning", "validation", "confidence", "offline", "promoted", "gate", "busy"
 ]
 
 

@@ -22,9 +22,12 @@ class LocalRunner:
         self.engine = engine
         self.recorder = recorder
 
-    async def run(self, job: Job, ctx: CallContext) -> GenerationResult:
+    async def run(
+        self, job: Job, ctx: CallContext, handed_on: tuple[type[SlmAgentError], ...] = ()
+    ) -> GenerationResult:
         """Run a job on the engine; cancel it if the client goes away while it waits. An engine
-        error (queue full, deadline, context overflow) is traced before it is raised."""
+        error (queue full, deadline, context overflow) is traced before it is raised, unless it
+        is one of ``handed_on``: the caller then lets the remote answer under the same trace."""
         try:
             future = asyncio.wrap_future(self.engine.submit(job.gen))
             while True:
@@ -34,7 +37,8 @@ class LocalRunner:
                 if await ctx.disconnected():
                     job.gen.cancel.set()
         except SlmAgentError as exc:
-            self.recorder.local(job, None, error=exc)
+            if not isinstance(exc, handed_on):
+                self.recorder.local(job, None, error=exc)
             raise
 
     def stream(self, job: Job, *, chat: bool, include_usage: bool) -> AsyncIterator[bytes]:

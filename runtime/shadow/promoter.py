@@ -1,10 +1,11 @@
 """Applies the promotion rule to every scored pair: store it, decide, fit the per-request gate on
-promotion, record the transition. The shadow worker and the live path call it after each pair,
+promotion (and refit it as a live task's pairs grow), record the transition. The shadow worker and the live path call it after each pair,
 the admin routes for a manual override.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 
 from slm_agent.contracts.tasks import Task
@@ -13,6 +14,8 @@ from slm_agent.runtime.shadow.gate import Gate, fit_gate
 from slm_agent.runtime.shadow.policy import next_state
 from slm_agent.runtime.shadow.records import PairRecord, PairStats, TaskState
 from slm_agent.runtime.shadow.states import TaskStates
+
+log = logging.getLogger(__name__)
 
 
 class Promoter:
@@ -55,6 +58,19 @@ class Promoter:
                 if stats.lower >= task.promotion.target or _refit_due(stats.n, task.promotion.min_pairs):
                     gate = self.fit_gate(task, adapter)
             elif state.state == "live" and state.gate is not None:
+                # Sampled and gated-out live requests keep adding pairs: the gate learns from them
+                # (and from the shadow pairs before) at the same pace as in shadow. A refit that
+                # finds no safe threshold keeps the old gate; drift decides whether it stays live.
+                due = stats.n >= task.promotion.min_pairs and _refit_due(stats.n, task.promotion.min_pairs)
+                if due and (refit := self.fit_gate(task, adapter, current=False)):
+                    state = self.states.set_gate(task.name, refit)
+                    log.info(
+                        "task %s: gate refitted on %d pairs, coverage %.2f",
+                        task.name,
+                        refit.n,
+                        refit.coverage,
+                    )
+                assert state.gate is not None
                 stats = self._gated_stats(task, adapter, state.gate)
             decision = next_state(task, state, stats, gate)
             if decision is None:
@@ -64,8 +80,12 @@ class Promoter:
                 task.name, adapter, new_state, reason, gate if new_state == "live" else None
             )
 
-    def fit_gate(self, task: Task, adapter: str | None) -> Gate | None:
-        pairs = [p for p in self.states.pairs(task.name, adapter) if p.features and p.agreed is not None]
+    def fit_gate(self, task: Task, adapter: str | None, current: bool = True) -> Gate | None:
+        """A gate fitted on the adapter's pairs since its task's state began (``current``: a
+        demoted adapter earns its way back on new pairs), or on all of them (a live refit: the
+        shadow pairs that promoted it and the live ones since)."""
+        pairs = self.states.pairs(task.name, adapter, current=current)
+        pairs = [p for p in pairs if p.features and p.agreed is not None]
         if not pairs:
             return None
         return fit_gate([p.features for p in pairs], [bool(p.agreed) for p in pairs], task.promotion.target)

@@ -2,10 +2,11 @@
 
 The remote has answered the agent; the same request, prepared as a local job, waits here. A daemon
 thread runs it on the engine only while the engine is idle (no live request queued or running, and
-none finished in the last ``idle_gap_s``), as a ``background`` request. A live submission cancels
-the running shadow job at once (the engine checks between tokens and between prompt chunks) and
-the job goes back to the front of the queue: live requests never wait on shadow work. Each
-finished answer is compared with the remote's and handed to the promoter.
+none finished in the last ``idle_gap_s``), as ``background`` requests, up to ``concurrency`` at a
+time (the engine decodes them in one batch). A live submission cancels the running shadow jobs at
+once (the engine checks between tokens and between prompt chunks) and they go back to the front
+of the queue: live requests never wait on shadow work. Each finished answer is compared with the
+remote's and handed to the promoter.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +91,7 @@ class ShadowWorker:
         capacity: int = 64,
         idle_gap_s: float = 0.2,
         max_attempts: int = 8,
+        concurrency: int = 4,
     ) -> None:
         self.engine = engine
         self.promoter = promoter
@@ -100,7 +103,8 @@ class ShadowWorker:
         self._max_attempts = max_attempts
         self._jobs: deque[ShadowJob] = deque()
         self._wake = threading.Condition()
-        self._inflight: GenerationRequest | None = None
+        self._concurrency = concurrency
+        self._inflight: list[GenerationRequest] = []
         self._stopping = False
         self._generation = 0  # bumped by clear(): a job cancelled by it is not queued again
         self._thread: threading.Thread | None = None
@@ -113,22 +117,20 @@ class ShadowWorker:
 
     @property
     def running(self) -> bool:
-        """A shadow job is on the engine (queued there or generating)."""
-        return self._inflight is not None
+        """Shadow jobs are on the engine (queued there or generating)."""
+        return bool(self._inflight)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="shadow-worker", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 30) -> None:
-        """Cancel the running job, drop the queue, end the thread (before the engine shuts down)."""
+        """Cancel the running jobs, drop the queue, end the thread (before the engine shuts down)."""
         with self._wake:
             self._stopping = True
             self._jobs.clear()
             self._wake.notify_all()
-        inflight = self._inflight
-        if inflight is not None:
-            inflight.cancel.set()
+        self._cancel_running()
         if self._thread is not None:
             self._thread.join(timeout)
         if self._unsubscribe is not None:
@@ -151,50 +153,103 @@ class ShadowWorker:
         return True
 
     def clear(self) -> int:
-        """Drop every job, the running one included (their adapter was replaced, say); how many
+        """Drop every job, the running ones included (their adapter was replaced, say); how many
         were pending."""
         with self._wake:
             dropped = len(self._jobs)
             self._jobs.clear()
             self._generation += 1
-        inflight = self._inflight
-        if inflight is not None:
-            inflight.cancel.set()
+        self._cancel_running()
         return dropped
 
     def _preempt(self, req: GenerationRequest) -> None:
         """Engine submit listener (on the live request's thread): stop shadow work now."""
-        inflight = self._inflight
-        if inflight is not None:
-            inflight.cancel.set()
+        self._cancel_running()
+
+    def _cancel_running(self) -> None:
+        for gen in list(self._inflight):
+            gen.cancel.set()
 
     # -- the thread ------------------------------------------------------------------------------
-    def _next(self) -> ShadowJob | None:
-        """The next job once the engine has been idle for ``idle_gap_s``; None when stopping."""
+    def _next(self) -> list[ShadowJob]:
+        """Up to ``concurrency`` jobs once the engine has been idle for ``idle_gap_s``; none when
+        stopping."""
         with self._wake:
             while not self._stopping and (not self._jobs or self.engine.serving(self._idle_gap_s)):
                 self._wake.wait(timeout=None if not self._jobs else self._idle_gap_s / 4)
-            return None if self._stopping else self._jobs.popleft()
+            if self._stopping:
+                return []
+            return [self._jobs.popleft() for _ in range(min(self._concurrency, len(self._jobs)))]
 
     def _pause(self, seconds: float) -> None:
         with self._wake:
             if not self._stopping:
                 self._wake.wait(seconds)
 
-    def _requeue(self, job: ShadowJob, generation: int) -> None:
+    def _requeue(self, jobs: list[ShadowJob], generation: int) -> None:
+        """Put jobs back at the front, in their order (unless ``clear`` dropped their generation)."""
         with self._wake:
             if not self._stopping and generation == self._generation:
-                self._jobs.appendleft(job)
+                self._jobs.extendleft(reversed(jobs))
 
     def _loop(self) -> None:
-        while (job := self._next()) is not None:
+        while batch := self._next():
             try:
-                self._shadow(job)
+                self._shadow(batch)
             except Exception as exc:  # one bad job must not end shadow mode
-                log.exception("shadow job for trace %s failed", job.trace_id)
-                self._emit("error", {"message": f"shadow comparison failed for task {job.task.name}: {exc}"})
+                log.exception("shadow jobs %s failed", [job.trace_id for job in batch])
+                self._emit(
+                    "error", {"message": f"shadow comparison failed for task {batch[0].task.name}: {exc}"}
+                )
+            finally:
+                self._inflight = []
 
-    def _shadow(self, job: ShadowJob) -> None:
+    def _shadow(self, batch: list[ShadowJob]) -> None:
+        """Run ``batch`` on the engine together (it decodes them in one batch) and score each."""
+        generation = self._generation
+        running: list[tuple[ShadowJob, Future[GenerationResult]]] = []
+        back: list[ShadowJob] = []  # to run again: preempted, or the engine could not take them
+        busy = False  # the engine refused one: a burst filled its queue, or it is not serving
+        for job in batch:
+            adapter = job.job.gen.adapter
+            if adapter is not None and adapter not in self.engine.adapters:
+                # Its adapter was replaced or removed since the job was queued: nothing to verify
+                # (a job put back on every UnavailableError would hold the worker forever).
+                self.counters.dropped += 1
+            elif busy:
+                back.append(job)
+            elif not self._start(job, running):
+                busy = True
+                back.append(job)
+        for job, future in running:
+            try:
+                result: GenerationResult | None = future.result()
+                error = None
+            except (QueueFullError, UnavailableError):
+                busy = True
+                back.append(job)
+                continue
+            except SlmAgentError as exc:
+                result, error = None, exc.message
+            if result is not None and result.finish_reason == "cancelled":
+                self.counters.preempted += 1
+                job.attempts += 1
+                if job.attempts < self._max_attempts:
+                    back.append(job)
+                else:
+                    self.counters.dropped += 1
+                continue
+            self.compare(job, result, error)
+        self._requeue(back, generation)
+        if busy:
+            self._pause(1.0)
+
+    def _start(
+        self,
+        job: ShadowJob,
+        running: list[tuple[ShadowJob, Future[GenerationResult]]],
+    ) -> bool:
+        """Submit ``job`` as background work; False when the engine cannot take it now."""
         gen = dataclasses.replace(
             job.job.gen,
             background=True,
@@ -203,28 +258,14 @@ class ShadowWorker:
             on_text=None,
             logprobs=True,  # the gate's features
         )
-        generation = self._generation
-        self._inflight = gen
+        self._inflight.append(gen)  # before submitting: a live request may cancel it at once
         try:
-            result: GenerationResult | None = self.engine.submit(gen).result()
-            error = None
+            running.append((job, self.engine.submit(gen)))
         except (QueueFullError, UnavailableError):
-            self._requeue(job, generation)  # a burst filled the queue, or the engine is not serving
-            self._pause(1.0)
-            return
+            return False
         except SlmAgentError as exc:
-            result, error = None, exc.message
-        finally:
-            self._inflight = None
-        if result is not None and result.finish_reason == "cancelled":
-            self.counters.preempted += 1
-            job.attempts += 1
-            if job.attempts < self._max_attempts:
-                self._requeue(job, generation)
-            else:
-                self.counters.dropped += 1
-            return
-        self.compare(job, result, error)
+            self.compare(job, None, exc.message)
+        return True
 
     def compare(self, job: ShadowJob, result: GenerationResult | None, error: str | None = None) -> None:
         """Score a local answer against the remote's and hand the pair to the promoter. Public for
