@@ -284,3 +284,29 @@ def test_a_live_request_takes_the_place_of_shadow_work(engine: Engine) -> None:
     finished = [f.result(120) for f in futures]
     assert [r.finish_reason for r in finished].count("cancelled") == 1
     assert finished[-1].finish_reason == "cancelled"  # the youngest
+
+
+def test_shadow_work_never_takes_a_live_request_s_queue_place(model_path: Path) -> None:
+    """queue_size places for each kind: background work that fills its own still leaves a live
+    request its place (no 429 for an agent because shadow work is waiting)."""
+    from slm_agent.errors import QueueFullError
+
+    engine = Engine(
+        EngineConfig(
+            model_path=model_path, n_ctx=512, n_threads=2, queue_size=1, max_sequences=1, kv_budget_mb=64
+        )
+    )
+    engine.load()
+    try:
+        shadow = [
+            request(prefix=f"Story {i}: once upon a time", max_tokens=40, background=True) for i in range(2)
+        ]
+        futures = [engine.submit(engine.prepare(r)) for r in shadow]  # one running, one waiting
+        with pytest.raises(QueueFullError):
+            engine.submit(engine.prepare(request(prefix="Story 3:", max_tokens=4, background=True)))
+        live = engine.generate(engine.prepare(request(prefix="Q: What is 2 + 2?\nA:", max_tokens=3)))
+        assert live.finish_reason != "cancelled" and live.completion_tokens >= 1
+        for future in futures:
+            future.result(120)
+    finally:
+        engine.shutdown()

@@ -98,6 +98,15 @@ class AdapterContext:
         self._prefix_ids = list(range(shape.max_sequences, shape.max_sequences + shape.max_prefixes))
         self._residents: OrderedDict[tuple[int, ...], Resident] = OrderedDict()
         self._turn = 0  # the next background sequence to decode when only some may
+        self._threads = shape.n_threads
+
+    def set_threads(self, n: int) -> None:
+        """Decode on ``n`` threads from the next step (a few microseconds; no-op when unchanged)."""
+        import llama_cpp
+
+        if n != self._threads:
+            llama_cpp.llama_set_n_threads(self.ctx, n, n)
+            self._threads = n
 
     def _set_adapter(self, handle: Any) -> None:
         import llama_cpp
@@ -349,9 +358,7 @@ class AdapterContext:
                 seq.error = error
                 ended.append(seq)
             return
-        self._stats.steps += 1
-        self._stats.step_tokens += n
-        self._stats.step_sequences += len(plan)
+        self._stats.count_step(n, len(plan))
         for (seq, step), first in zip(plan, rows, strict=True):
             was_prefilling = seq.prefilling
             try:

@@ -7,6 +7,7 @@ there: restoring it costs ~0.25x of a cold prefill.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -22,34 +23,40 @@ class PrefixState:
 
 
 class PrefixCache:
-    """LRU of prefix states keyed by (adapter key, prefix tokens)."""
+    """LRU of prefix states keyed by (adapter key, prefix tokens). Shared by every context, whose
+    steps may run side by side: one lock."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._states: OrderedDict[tuple[str, tuple[int, ...]], PrefixState] = OrderedDict()
+        self._lock = threading.Lock()
 
     def get(self, adapter_key: str, tokens: tuple[int, ...]) -> PrefixState | None:
         key = (adapter_key, tokens)
-        state = self._states.get(key)
-        if state is not None:
-            self._states.move_to_end(key)
-        return state
+        with self._lock:
+            state = self._states.get(key)
+            if state is not None:
+                self._states.move_to_end(key)
+            return state
 
     def put(self, adapter_key: str, state: PrefixState) -> None:
         if self.capacity <= 0:
             return
-        self._states[(adapter_key, state.tokens)] = state
-        self._states.move_to_end((adapter_key, state.tokens))
-        while len(self._states) > self.capacity:
-            self._states.popitem(last=False)
+        with self._lock:
+            self._states[(adapter_key, state.tokens)] = state
+            self._states.move_to_end((adapter_key, state.tokens))
+            while len(self._states) > self.capacity:
+                self._states.popitem(last=False)
 
     def drop_adapter(self, adapter_key_prefix: str) -> None:
-        for key in [k for k in self._states if k[0].startswith(adapter_key_prefix)]:
-            del self._states[key]
+        with self._lock:
+            for key in [k for k in self._states if k[0].startswith(adapter_key_prefix)]:
+                del self._states[key]
 
     def __len__(self) -> int:
         return len(self._states)
 
     @property
     def bytes(self) -> int:
-        return sum(s.size for s in self._states.values())
+        with self._lock:
+            return sum(s.size for s in self._states.values())

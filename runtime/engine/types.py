@@ -100,6 +100,16 @@ class EngineStats:
     step_tokens: int = 0
     step_sequences: int = 0
 
+    def count_step(self, tokens: int, sequences: int) -> None:
+        """Contexts may step side by side: their counts add up under a lock."""
+        with _COUNTING:
+            self.steps += 1
+            self.step_tokens += tokens
+            self.step_sequences += sequences
+
+
+_COUNTING = threading.Lock()
+
 
 @dataclass
 class LoadedAdapter:
