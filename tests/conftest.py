@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -127,6 +129,23 @@ class Daemon:
 
     def client(self, **kwargs: object) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=120, **kwargs)  # type: ignore[arg-type]
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        """Rows of `sql` from the daemon's trace database: the one reader every test uses.
+
+        Read-only, so a test can never change what the daemon wrote; closed every call, so no
+        connection outlives the query.
+        """
+        uri = f"file:{self.db_path}?mode=ro"
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
+            conn.row_factory = sqlite3.Row
+            return conn.execute(sql, params).fetchall()
+
+    def trace(self, trace_id: str) -> sqlite3.Row:
+        """The `traces` row with this id, failing the test (with the id and the file) if it is absent."""
+        found = self.query("SELECT * FROM traces WHERE id = ?", (trace_id,))
+        assert found, f"trace {trace_id} not in {self.db_path}"
+        return found[0]
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ remote planner (its answers are queued, so the plan is known), spans read back f
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterator
 from typing import Any
 
@@ -63,12 +62,7 @@ def daemon(
 
 
 def spans(daemon: Daemon, run_id: str) -> list[dict[str, Any]]:
-    conn = sqlite3.connect(daemon.db_path)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute("SELECT * FROM spans WHERE run_id = ? ORDER BY seq", (run_id,))]
-    finally:
-        conn.close()
+    return [dict(r) for r in daemon.query("SELECT * FROM spans WHERE run_id = ? ORDER BY seq", (run_id,))]
 
 
 def events(client: httpx.Client, run_id: str) -> list[dict[str, Any]]:
@@ -124,9 +118,7 @@ def test_run_steps_on_both_sides_with_spans_in_sqlite(daemon: Daemon, fault_serv
     # Results feed the next step: the remote step saw the local label.
     assert f"Category {label}" in json.dumps(fault_server.requests[2].body)
     # The local step's trace is in the traces table, like any request.
-    conn = sqlite3.connect(daemon.db_path)
-    (route,) = conn.execute("SELECT route FROM traces WHERE id = ?", (rows[4]["trace_id"],)).fetchone()
-    conn.close()
+    (route,) = daemon.query("SELECT route FROM traces WHERE id = ?", (rows[4]["trace_id"],))[0]
     assert route == "local"
 
 

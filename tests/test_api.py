@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -47,21 +46,6 @@ TOOLS = [
 ]
 
 
-def rows(daemon: Daemon, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-    conn = sqlite3.connect(daemon.db_path)
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
-
-
-def trace(daemon: Daemon, trace_id: str) -> sqlite3.Row:
-    found = rows(daemon, "SELECT * FROM traces WHERE id = ?", (trace_id,))
-    assert found, f"trace {trace_id} not in {daemon.db_path}"
-    return found[0]
-
-
 @pytest.fixture(scope="module")
 def client(daemon: Daemon) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{daemon.url}/v1", api_key="unused", max_retries=0, timeout=120)
@@ -93,12 +77,12 @@ def test_chat_completion_with_openai_client(daemon: Daemon, client: openai.OpenA
     completion = response.parse()
     assert completion.choices[0].message.content
     assert completion.usage and completion.usage.completion_tokens <= 12
-    row = trace(daemon, completion.id)
+    row = daemon.trace(completion.id)
     assert row["status"] == 200 and row["route"] == "local" and row["session_id"] == "sess-1"
     assert json.loads(row["request"])[1]["content"] == "Name a color."
     assert row["response"] == completion.choices[0].message.content
     assert row["latency_ms"] > 0 and row["ttft_ms"] > 0
-    session = rows(daemon, "SELECT * FROM sessions WHERE id = 'sess-1'")[0]
+    session = daemon.query("SELECT * FROM sessions WHERE id = 'sess-1'")[0]
     assert session["agent"] == "tests" and session["request_count"] >= 1
 
 
@@ -122,8 +106,8 @@ def test_streaming_matches_trace(daemon: Daemon, client: openai.OpenAI) -> None:
     assert finish in {"stop", "length"}
     assert usage is not None and usage.completion_tokens > 0
     assert chunk_id is not None
-    assert trace(daemon, chunk_id)["response"] == "".join(pieces)
-    assert trace(daemon, chunk_id)["stream"] == 1
+    assert daemon.trace(chunk_id)["response"] == "".join(pieces)
+    assert daemon.trace(chunk_id)["stream"] == 1
 
 
 def test_async_client(daemon: Daemon) -> None:
@@ -169,7 +153,7 @@ def test_tool_calls(daemon: Daemon, client: openai.OpenAI) -> None:
     forced_call = forced.choices[0].message.tool_calls[0]  # type: ignore[index]
     assert forced_call.function.name == "get_weather"
     assert json.loads(forced_call.function.arguments)["unit"] in {"c", "f"}
-    row = trace(daemon, forced.id)
+    row = daemon.trace(forced.id)
     assert json.loads(row["tool_calls"])[0]["function"]["name"] == "get_weather"
     assert row["task"] == "tool_call"
 
@@ -237,7 +221,7 @@ def test_task_api_and_x_slm_task_header(daemon: Daemon) -> None:
         body = answer.json()
         assert set(body["output"]) == {"name", "email", "city", "company"}
         assert body["route"] == "local"
-        row = trace(daemon, body["id"])
+        row = daemon.trace(body["id"])
         assert row["endpoint"] == "tasks" and row["task"] == "extract"
         assert json.loads(row["output"]) == body["output"]
         via_header = http.post(
@@ -342,7 +326,7 @@ def test_malformed_json_and_unknown_task(daemon: Daemon, client: openai.OpenAI) 
         assert too_big.status_code == 413
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
-    failed = rows(daemon, "SELECT * FROM traces WHERE status = 404 AND model = 'gpt-4o'")
+    failed = daemon.query("SELECT * FROM traces WHERE status = 404 AND model = 'gpt-4o'")
     assert failed and "does not exist here" in failed[0]["error"]
 
 
@@ -357,7 +341,7 @@ def test_feedback(daemon: Daemon) -> None:
         assert http.post(f"/v1/traces/{answer['id']}/feedback", json={}).status_code == 400
         detail = http.get(f"/v1/traces/{answer['id']}").json()
         assert detail["feedback"][0]["correction"] == "billing"
-    stored = rows(daemon, "SELECT * FROM feedback WHERE trace_id = ?", (answer["id"],))
+    stored = daemon.query("SELECT * FROM feedback WHERE trace_id = ?", (answer["id"],))
     assert stored[0]["rating"] == "bad"
 
 
@@ -392,7 +376,7 @@ def test_adapters_hot_load_switch_and_unload(daemon: Daemon, model_path: Path, t
             "/v1/chat/completions", json={**body, "model": "api-lora1", "adapter_scale": 0}
         ).json()
         assert unscaled["choices"][0]["message"]["content"] == texts[0]  # scale 0 is the base model
-        assert trace(daemon, one["id"])["adapter"] == "api-lora1"
+        assert daemon.trace(one["id"])["adapter"] == "api-lora1"
         models = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
         assert models["api-lora1"]["kind"] == "adapter" and models["api-lora1"]["loaded"]
         assert http.delete("/v1/admin/adapters/api-lora1").status_code == 200
@@ -430,7 +414,7 @@ def test_client_disconnect_mid_stream_cancels_and_keeps_trace(daemon: Daemon) ->
                 break
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        found = rows(daemon, "SELECT * FROM traces WHERE id = ?", (trace_id,))
+        found = daemon.query("SELECT * FROM traces WHERE id = ?", (trace_id,))
         if found:
             break
         time.sleep(0.2)
@@ -488,7 +472,7 @@ def test_sigterm_drains_in_flight_requests(make_daemon: Any) -> None:
     assert "Application shutdown complete" in daemon.log()
     assert [r.status_code for r in results] == [200, 200, 200]
     ids = {r.json()["id"] for r in results}
-    stored = {r["id"] for r in rows(daemon, "SELECT id FROM traces")}
+    stored = {r["id"] for r in daemon.query("SELECT id FROM traces")}
     assert ids <= stored
 
 
@@ -533,5 +517,5 @@ def test_full_disk_answers_507_keeps_serving_and_keeps_written_traces(make_daemo
         error = full[0].json()["error"]
         assert error["code"] == "storage_full" and "trace database" in error["message"]
         assert http.get("/healthz").json()["status"] == "ok"
-    assert trace(daemon, first.json()["id"])["status"] == 200
-    assert rows(daemon, "SELECT count(*) AS n FROM traces")[0]["n"] > 1
+    assert daemon.trace(first.json()["id"])["status"] == 200
+    assert daemon.query("SELECT count(*) AS n FROM traces")[0]["n"] > 1

@@ -3,7 +3,6 @@ and ``store_redacted`` keeps raw secrets and personal data off the disk."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -389,14 +388,9 @@ def test_daemon_prunes_old_traces_once_synced(rest_daemon: Daemon) -> None:
         )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        if not rows(rest_daemon, "SELECT id FROM traces WHERE created_at = ?", OLD):
+        if not rest_daemon.query("SELECT id FROM traces WHERE created_at = ?", (OLD,)):
             break
         time.sleep(0.3)
     else:
         pytest.fail(f"the 2020 trace was not pruned:\n{rest_daemon.log()[-3000:]}")
-    assert rows(rest_daemon, "SELECT id FROM traces WHERE id = ?", today.json()["id"])
-
-
-def rows(daemon: Daemon, sql: str, *params: object) -> list[tuple[object, ...]]:
-    with contextlib.closing(sqlite3.connect(daemon.db_path)) as conn:
-        return conn.execute(sql, params).fetchall()
+    assert rest_daemon.query("SELECT id FROM traces WHERE id = ?", (today.json()["id"],))

@@ -4,7 +4,6 @@ unknown model id passed through to a real remote (llama-cpp-python's server in e
 from __future__ import annotations
 
 import base64
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -141,11 +140,7 @@ def test_listed_and_counted_not_traced(daemon: Daemon, client: openai.OpenAI) ->
         metrics = http.get("/metrics").text
     assert 'slm_embedding_requests_total{route="local",status="200"}' in metrics
     assert 'slm_embedding_inputs_total{route="local"}' in metrics
-    conn = sqlite3.connect(daemon.db_path)
-    try:
-        assert conn.execute("SELECT count(*) FROM traces").fetchone()[0] == 0
-    finally:
-        conn.close()
+    assert daemon.query("SELECT count(*) FROM traces")[0][0] == 0
 
 
 def test_unknown_model_passes_through_to_the_remote(client: openai.OpenAI) -> None:

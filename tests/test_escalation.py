@@ -4,7 +4,6 @@ the remote, the fault server for failures, and the traces in SQLite."""
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -88,14 +87,8 @@ def oa(daemon: Daemon) -> openai.OpenAI:
 
 
 def trace(daemon: Daemon, trace_id: str) -> dict[str, Any]:
-    conn = sqlite3.connect(daemon.db_path)
-    conn.row_factory = sqlite3.Row
-    try:
-        row = conn.execute("SELECT * FROM traces WHERE id = ?", (trace_id,)).fetchone()
-    finally:
-        conn.close()
-    assert row is not None, f"no trace {trace_id}"
-    out = dict(row)
+    """The trace row with its JSON columns `attempts` and `redactions` decoded."""
+    out = dict(daemon.trace(trace_id))
     for name in ("attempts", "redactions"):
         out[name] = json.loads(out[name]) if out[name] else None
     return out
@@ -300,7 +293,5 @@ def test_budget_spent_is_a_402_when_policy_is_error(make_daemon: Any, fs: FaultS
     with pytest.raises(openai.APIStatusError) as caught:
         chat(d, model="fault-model", messages=hello)
     assert caught.value.status_code == 402 and "budget" in caught.value.message
-    conn = sqlite3.connect(d.db_path)
-    statuses = [s for (s,) in conn.execute("SELECT status FROM traces ORDER BY seq")]
-    conn.close()
+    statuses = [r["status"] for r in d.query("SELECT status FROM traces ORDER BY seq")]
     assert statuses == [200, 402]

@@ -16,8 +16,8 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 
 from slm_agent.contracts.records import TraceRecord
-from slm_agent.runtime.http import monitor
 from slm_agent.runtime.http.deps import started_services
+from slm_agent.runtime.http.routes import monitor
 from slm_agent.runtime.store.events import SEQ_SHIFT, EventBus
 from slm_agent.runtime.store.traces import TraceStore
 from slm_agent.tui.sources import DaemonSource

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -54,17 +53,6 @@ def still_serving(http: httpx.Client, before: httpx.Response) -> None:
     after = http.post("/v1/completions", json={"model": BUNDLED_NAME, "prompt": "Hi", "max_tokens": 1})
     assert after.status_code == 200, after.text
     assert local_port(after) == local_port(before)
-
-
-def trace_row(daemon: Daemon, trace_id: str) -> sqlite3.Row:
-    conn = sqlite3.connect(daemon.db_path)
-    conn.row_factory = sqlite3.Row
-    try:
-        row = conn.execute("SELECT * FROM traces WHERE id = ?", (trace_id,)).fetchone()
-    finally:
-        conn.close()
-    assert row is not None, f"trace {trace_id} missing"
-    return row
 
 
 def chat(content: str = "hi", **fields: Any) -> dict[str, Any]:
@@ -286,7 +274,7 @@ def test_rejected_request_trace_keeps_an_excerpt(daemon: Daemon) -> None:
         assert response.status_code == 404
         trace_id = response.headers["x-slm-trace-id"]
         still_serving(http, response)
-    stored = trace_row(daemon, trace_id)
+    stored = daemon.trace(trace_id)
     assert len(stored["request"]) < 8000
     assert "truncated: 195904 more characters" in stored["request"]
 

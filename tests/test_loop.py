@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -52,15 +51,6 @@ def chat_task(subtask: str, calls: list[Any], **extra: Any) -> str:
     return task_toml({**data, **extra})
 
 
-def query(daemon: Daemon, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-    conn = sqlite3.connect(f"file:{daemon.db_path}?mode=ro", uri=True)
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute(sql, args).fetchall()
-    finally:
-        conn.close()
-
-
 def wait_until(condition: Any, timeout: float = 60) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -89,7 +79,7 @@ def test_calls_are_matched_by_template_and_tagged_when_a_task_appears(
     calls = generate_calls(3, 2, seed=5)
     first = run_agent(client, calls)
     assert {r.route_reason for r in first} == {"proxy"} and all(r.correct for r in first)
-    rows = query(daemon, "SELECT task, match_method, signature FROM traces")
+    rows = daemon.query("SELECT task, match_method, signature FROM traces")
     assert all(r["signature"] for r in rows) and not any(r["task"] for r in rows)
 
     # Accepting the tasks (a file in the tasks dir) is picked up without a restart, and the calls
@@ -102,7 +92,7 @@ def test_calls_are_matched_by_template_and_tagged_when_a_task_appears(
     time.sleep(1.2)  # the registry is checked at most once a second
     second = run_agent(client, calls)
     assert {r.route_reason for r in second} == {"proxy"}  # no adapter yet: the remote answers
-    by_trace = {r["id"]: r for r in query(daemon, "SELECT id, task, match_method, match_score FROM traces")}
+    by_trace = {r["id"]: r for r in daemon.query("SELECT id, task, match_method, match_score FROM traces")}
     for result in [*first, *second]:
         row = by_trace[result.trace_id]
         if result.call.subtask == PLANNING:
@@ -144,8 +134,8 @@ def test_shadow_then_promotion_answers_locally_and_demotion_hands_back(
     ]
     state = states()["pick-tool"]
     assert state["state"] == "shadow", state  # far fewer pairs than min_pairs: it stays in shadow
-    assert wait_until(lambda: len(query(daemon, "SELECT 1 FROM shadow_pairs")) == len(calls), timeout=180)
-    pairs = query(daemon, "SELECT trace_id, agreed, local_output FROM shadow_pairs")
+    assert wait_until(lambda: len(daemon.query("SELECT 1 FROM shadow_pairs")) == len(calls), timeout=180)
+    pairs = daemon.query("SELECT trace_id, agreed, local_output FROM shadow_pairs")
     assert {p["trace_id"] for p in pairs} == {r.trace_id for r in shadowed}
     assert all(json.loads(p["local_output"])["tool_calls"] for p in pairs)  # the grammar's valid calls
 
@@ -168,7 +158,7 @@ def test_shadow_then_promotion_answers_locally_and_demotion_hands_back(
     assert httpx.post(f"{daemon.url}/v1/admin/tasks/pick-tool/demote").json()["state"] == "demoted"
     back = run_agent(client, calls[:3])
     assert {r.route for r in back} == {"remote"} and all(r.correct for r in back)
-    transitions = query(daemon, "SELECT to_state, reason FROM task_transitions ORDER BY seq")
+    transitions = daemon.query("SELECT to_state, reason FROM task_transitions ORDER BY seq")
     assert [t["to_state"] for t in transitions] == ["shadow", "live", "demoted"]
 
 
@@ -199,9 +189,9 @@ def test_a_task_matched_by_content_is_shadowed_then_answers_live(
 
     shadowed = run_agent(client, picks[:4])
     assert {r.route for r in shadowed} == {"remote"} and all(r.correct for r in shadowed)
-    rows = query(daemon, "SELECT task, match_method FROM traces WHERE task IS NOT NULL")
+    rows = daemon.query("SELECT task, match_method FROM traces WHERE task IS NOT NULL")
     assert len(rows) == 4 and {(r["task"], r["match_method"]) for r in rows} == {("pick-tool", "embedding")}
-    assert wait_until(lambda: len(query(daemon, "SELECT 1 FROM shadow_pairs")) >= 2, timeout=180), (
+    assert wait_until(lambda: len(daemon.query("SELECT 1 FROM shadow_pairs")) >= 2, timeout=180), (
         httpx.get(f"{daemon.url}/v1/admin/task-states").json(),
         daemon.log()[-3000:],
     )

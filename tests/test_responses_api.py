@@ -5,9 +5,7 @@ SDK's events; an unknown model id proxied to a real remote (llama-cpp-python's s
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterator
-from typing import Any
 
 import openai
 import pytest
@@ -43,17 +41,6 @@ def client(daemon: Daemon) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{daemon.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def trace_row(daemon: Daemon, trace_id: str) -> dict[str, Any]:
-    conn = sqlite3.connect(daemon.db_path)
-    conn.row_factory = sqlite3.Row
-    try:
-        row = conn.execute("SELECT * FROM traces WHERE id = ?", [trace_id]).fetchone()
-    finally:
-        conn.close()
-    assert row is not None, trace_id
-    return dict(row)
-
-
 def test_plain_text_is_a_traced_chat_call(daemon: Daemon, client: openai.OpenAI) -> None:
     raw = client.responses.with_raw_response.create(
         model=BUNDLED_NAME,
@@ -67,7 +54,7 @@ def test_plain_text_is_a_traced_chat_call(daemon: Daemon, client: openai.OpenAI)
     assert response.output_text and response.output[0].type == "message"
     assert response.usage and 0 < response.usage.output_tokens <= 12
     assert raw.headers["x-slm-route"] == "local"
-    row = trace_row(daemon, raw.headers["x-slm-trace-id"])
+    row = daemon.trace(raw.headers["x-slm-trace-id"])
     assert row["endpoint"] == "responses" and row["status"] == 200
     assert json.loads(row["request"]) == [
         {"role": "system", "content": "Answer briefly."},
@@ -98,7 +85,7 @@ def test_function_call_then_its_output_continues_the_conversation(
     )
     follow_up = raw.parse()
     assert follow_up.previous_response_id == first.id and follow_up.output_text
-    sent = json.loads(trace_row(daemon, raw.headers["x-slm-trace-id"])["request"])
+    sent = json.loads(daemon.trace(raw.headers["x-slm-trace-id"])["request"])
     assert [m["role"] for m in sent] == ["user", "assistant", "tool"]
     assert sent[1]["tool_calls"][0]["id"] == calls[0].call_id == sent[2]["tool_call_id"]
 

@@ -25,7 +25,8 @@ from slm_agent.contracts.tasks import Promotion, Task, TaskRegistry
 from slm_agent.errors import ConflictError
 from slm_agent.models.manifest import PromptFormat
 from slm_agent.runtime.engine import Engine, EngineConfig, GenerationRequest
-from slm_agent.runtime.http import errors, promotion
+from slm_agent.runtime.http import errors
+from slm_agent.runtime.http.routes import promotion
 from slm_agent.runtime.serving.context import Job, Target
 from slm_agent.runtime.shadow import (
     PairRecord,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 from collections.abc import Iterator
 from typing import Any
 
@@ -100,15 +99,6 @@ def check_calls(calls: Any) -> list[tuple[str, dict[str, Any]]]:
     return found
 
 
-def trace_row(daemon: Daemon, trace_id: str) -> sqlite3.Row:
-    conn = sqlite3.connect(daemon.db_path)
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute("SELECT * FROM traces WHERE id = ?", (trace_id,)).fetchone()
-    finally:
-        conn.close()
-
-
 # -- the real daemon -------------------------------------------------------------------------------
 
 
@@ -121,7 +111,7 @@ def test_two_cities_get_a_call_each_in_order(daemon: Daemon, client: openai.Open
         ("get_weather", {"city": "Paris"}),
         ("get_weather", {"city": "Rome"}),
     ]
-    row = trace_row(daemon, answer.id)
+    row = daemon.trace(answer.id)
     assert [c["id"] for c in json.loads(row["tool_calls"])] == [c.id for c in choice.message.tool_calls]
     assert json.loads(row["output"]) == [
         {"name": "get_weather", "arguments": {"city": "Paris"}},
@@ -194,7 +184,7 @@ def test_a_cut_short_local_call_escalates(daemon: Daemon, client: openai.OpenAI)
         tools=TOOLS,  # type: ignore[list-item]
     )
     assert (raw.headers["x-slm-route"], raw.headers["x-slm-route-reason"]) == ("remote", "validation")
-    local, remote = json.loads(trace_row(daemon, raw.headers["x-slm-trace-id"])["attempts"])
+    local, remote = json.loads(daemon.trace(raw.headers["x-slm-trace-id"])["attempts"])
     assert local["route"] == "local" and "truncated" in local["failure"]
     assert remote["route"] == "remote"
 

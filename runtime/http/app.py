@@ -16,18 +16,18 @@ from fastapi import FastAPI
 
 from slm_agent import __version__
 from slm_agent.runtime.config import Settings
-from slm_agent.runtime.http import (
+from slm_agent.runtime.http import errors
+from slm_agent.runtime.http.guard import Guard
+from slm_agent.runtime.http.routes import (
     admin,
     agents,
     embeddings,
-    errors,
     monitor,
     openai,
     promotion,
     report,
     responses_api,
 )
-from slm_agent.runtime.http.guard import Guard
 from slm_agent.runtime.http.services import build_services, load_model, start_sync
 
 

@@ -1,7 +1,7 @@
 """The monitor's read side: SQL aggregates and keyset pages over the trace database.
 
 The query functions take a read-only connection, so the TUI's ``--db`` mode runs exactly the SQL the
-daemon serves (runtime/http/monitor.py), and the daemon's own reads never wait on the trace store's
+daemon serves (runtime/http/routes/monitor.py), and the daemon's own reads never wait on the trace store's
 writer lock.
 """
 

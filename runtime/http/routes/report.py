@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 
 from slm_agent.runtime.http.deps import StartedServices
 from slm_agent.runtime.http.errors import documented
-from slm_agent.runtime.http.monitor import END_SCHEMA, window_end
+from slm_agent.runtime.http.routes.monitor import END_SCHEMA, window_end
 from slm_agent.runtime.report import ConversionReport, build_report, parse_since, settings_price
 
 router = APIRouter(tags=["monitor"])
