@@ -1,7 +1,7 @@
 """Continuous batching (issue 14), each figure against its anchor in the same run.
 
     python bench/bench_batching.py                  # all
-    python bench/bench_batching.py live busy        # some: throughput prefixes live busy
+    python bench/bench_batching.py live busy        # some: throughput prefixes live busy unbounded
 
 Anchors: llama.cpp's own batched decode driven from Python with no engine around it (one
 ``llama_batch`` of N sequences a step, argmax of each row: the llama_batch limit), the engine
@@ -22,9 +22,10 @@ import numpy as np
 from bench_daemon import ROWS, THREADS, make_adapters, pct, print_table, row
 
 from slm_agent.models import ModelStore, ensure_bundled
-from slm_agent.runtime.engine import Engine, EngineConfig, GenerationRequest, GenerationResult
+from slm_agent.runtime.engine import Engine, EngineConfig, GenerationRequest, GenerationResult, context
 
 N_TOKENS = 96
+WINDOW_S = 8.0
 PROMPTS = [f"Story {i}: Once upon a time, in a small village by the sea, there lived" for i in range(8)]
 
 
@@ -193,6 +194,41 @@ def live_beside_background(engine: Engine) -> None:
     )
 
 
+def no_max_tokens(engine: Engine) -> None:
+    """8 requests that set no max_tokens, as most agents send them (the engine allows the rest of
+    n_ctx): decoded for a fixed window with cells reserved for their first 256 tokens, against
+    reserving all of max_tokens (what a worst-case reservation, or llama-server's fixed slots of
+    n_ctx/np, amounts to)."""
+
+    def window(reserve: int) -> tuple[float, int]:
+        context.GENERATION_RESERVE = reserve
+        reqs = [GenerationRequest(prefix=PROMPTS[i], body="", max_tokens=10**6) for i in range(8)]
+        started = time.perf_counter()
+        futures = [engine.submit(engine.prepare(r)) for r in reqs]  # prepare clamps to n_ctx
+        time.sleep(1.0)
+        admitted = engine.running
+        time.sleep(WINDOW_S - 1.0)
+        for r in reqs:
+            r.cancel.set()
+        tokens = sum(f.result().completion_tokens for f in futures)
+        return tokens / (time.perf_counter() - started), admitted
+
+    default = context.GENERATION_RESERVE
+    try:
+        worst, worst_admitted = window(10**6)
+        ours, admitted = window(default)
+    finally:
+        context.GENERATION_RESERVE = default
+    row(
+        f"8 streams without max_tokens (tok/s over {WINDOW_S:.0f} s): {admitted} decoding at once, reserving "
+        f"{default} tokens, vs {worst_admitted} reserving all",
+        ours,
+        worst,
+        ours / worst,
+        "-",
+    )
+
+
 def busy_core(engine: Engine) -> None:
     def rate() -> float:
         return max(engine_rate(engine, stories(1)) for _ in range(2))
@@ -219,7 +255,7 @@ def main() -> None:
         engine.load_adapter("a", adapters[0])
         engine.load_adapter("b", adapters[1])
         engine.generate(engine.prepare(stories(1)[0]))  # warm
-        wanted = set(sys.argv[1:]) or {"throughput", "prefixes", "live", "busy"}
+        wanted = set(sys.argv[1:]) or {"throughput", "prefixes", "live", "busy", "unbounded"}
         if "throughput" in wanted:
             throughput(model, engine)
         if "prefixes" in wanted:
@@ -228,6 +264,8 @@ def main() -> None:
             live_beside_background(engine)
         if "busy" in wanted:
             busy_core(engine)
+        if "unbounded" in wanted:
+            no_max_tokens(engine)
         engine.shutdown()
     print_table(ROWS)
 

@@ -310,3 +310,31 @@ def test_shadow_work_never_takes_a_live_request_s_queue_place(model_path: Path) 
             future.result(120)
     finally:
         engine.shutdown()
+
+
+def test_a_full_kv_cache_takes_cells_back_and_the_output_stays_the_same(
+    model_path: Path, reference: Reference, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sequences reserve cells for their first GENERATION_RESERVE tokens only (an agent that sets
+    no max_tokens must not hold a whole context): three that outgrow a 256-cell cache make it
+    take the youngest one's cells back, and that one reads its prompt and output again later.
+    Every answer is still the one it gets alone."""
+    from slm_agent.runtime.engine import context
+
+    monkeypatch.setattr(context, "GENERATION_RESERVE", 16)
+    engine = Engine(
+        EngineConfig(
+            model_path=model_path, n_ctx=256, n_threads=2, max_contexts=1, kv_budget_mb=5, prefix_cache_size=0
+        )
+    )
+    engine.load()
+    try:
+        made = [request(prefix=f"Count {i}: 1, 2, 3, 4,", max_tokens=100) for i in range(3)]
+        alone = [solo(engine, r) for r in made]
+        batched = together(engine, [request(prefix=r.prefix, max_tokens=100) for r in made])
+        assert engine.stats.evicted >= 1
+        for req, a, b in zip(made, alone, batched, strict=True):
+            assert b.completion_tokens == a.completion_tokens and b.prompt_tokens == a.prompt_tokens
+            assert_same_or_near_tie(reference, req, a, b)
+    finally:
+        engine.shutdown()

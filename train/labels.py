@@ -92,7 +92,9 @@ def given_answer(trace: CollectedTrace) -> Any:
         return trace.output
     if trace.tool_calls:
         if len(trace.tool_calls) > 1:
-            return Unusable(reason="several tool calls")  # the daemon's grammar writes one call
+            # A tool_call task's label is one call (the form its adapter is trained to write);
+            # parallel calls, which chat requests may get, are not a training label yet.
+            return Unusable(reason="several tool calls")
         call = tool_call_answer(trace.tool_calls)
         return call if call is not None else Unusable(reason="invalid output")
     return trace.response if trace.response is not None else Unusable(reason="no answer")

@@ -24,7 +24,7 @@ from typing import Any
 from slm_agent.errors import SlmAgentError, UnavailableError
 from slm_agent.runtime.engine.prefix_cache import PrefixCache, PrefixState
 from slm_agent.runtime.engine.sequence import Sequence, Step
-from slm_agent.runtime.engine.types import EngineStats
+from slm_agent.runtime.engine.types import EngineStats, GenerationRequest
 
 # llama_cpp is imported where it is called, as in llama.py: loading libllama costs ~0.1 s.
 
@@ -39,6 +39,11 @@ PREFILL_CHUNK = 32
 # Background (shadow) prompts are always read in small chunks, all of them together no more than
 # this a step: a live request arriving meanwhile starts after at most one such step (~50 ms here).
 BACKGROUND_PREFILL_CHUNK = 16
+
+# Cells set aside for what a sequence will generate: its first GENERATION_RESERVE tokens. Reserving
+# all of max_tokens (n_ctx less the prompt, for an agent that sets none) would let one such request
+# hold a whole context; a context that runs out anyway takes a sequence's cells back (recompute).
+GENERATION_RESERVE = 256
 
 AdapterKey = tuple[str, float] | None  # (adapter name, scale); None is the base model
 
@@ -140,15 +145,16 @@ class AdapterContext:
         return f"{self.key[0]}@{self.key[1]}" if self.key else ""
 
     # -- admission ---------------------------------------------------------------------------------
-    def _reserved(self) -> int:
+    def _reserved(self, parked: bool = True) -> int:
         held = sum(len(r.tokens) for r in self._residents.values())
-        return held + sum(len(s.prompt) - s.cached + s.req.max_tokens + 1 for s in self.sequences)
+        return held + sum(s.cells(GENERATION_RESERVE) for s in self.sequences if parked or not s.parked)
 
-    def can_take(self, need: int) -> bool:
-        """Whether a sequence of up to ``need`` cells fits now, evicting resident prefixes if that
-        makes room; a context with nothing running always takes one (it holds n_ctx cells)."""
+    def can_take(self, req: GenerationRequest) -> bool:
+        """Whether ``req`` fits now, evicting resident prefixes if that makes room; a context with
+        nothing running always takes one (it holds n_ctx cells)."""
         if not self._free_ids:
             return False
+        need = len(req.prefix_tokens) + len(req.body_tokens) + min(req.max_tokens, GENERATION_RESERVE) + 1
         while self._reserved() + need > self.shape.n_cells and self._residents:
             self._evict_oldest()
         return not self.sequences or self._reserved() + need <= self.shape.n_cells
@@ -265,6 +271,7 @@ class AdapterContext:
         sequences that finished or failed; their futures are not set yet."""
 
         ended = [s for s in self.sequences if self._cancelled_or_late(s)]
+        self._unpark()
         plan: list[tuple[Sequence, Step]] = []
         for seq in self._decoders(ended, background_decoders):
             if (step := seq.next_step(0)) is not None:
@@ -279,7 +286,8 @@ class AdapterContext:
         # Chunked only to keep live streams flowing.
         budget = min(room, PREFILL_CHUNK if plan else self.shape.n_batch)
         for seq in sorted(
-            (s for s in self.sequences if s.prefilling and s not in ended), key=lambda s: s.background
+            (s for s in self.sequences if s.prefilling and not s.parked and s not in ended),
+            key=lambda s: s.background,
         ):
             if budget <= 0:
                 break
@@ -305,7 +313,7 @@ class AdapterContext:
     def _decoders(self, ended: list[Sequence], background_limit: int | None) -> list[Sequence]:
         """The sequences past their prompt that decode this step: every live one, and the
         background ones up to ``background_limit``, taking turns."""
-        ready = [s for s in self.sequences if not s.done and s not in ended and not s.prefilling]
+        ready = [s for s in self.sequences if not (s.done or s.parked or s.prefilling) and s not in ended]
         background = [s for s in ready if s.background]
         if background_limit is None or len(background) <= background_limit:
             return ready
@@ -348,6 +356,8 @@ class AdapterContext:
             while self._residents:
                 self._evict_oldest()
             rc = llama_cpp.llama_decode(self.ctx, batch)
+        if rc == 1 and self._take_back(ended):
+            return  # this step's tokens are planned again, without the sequence that gave way
         if rc != 0:
             error = (
                 UnavailableError("the KV cache is full; retry shortly", retry_after_s=1)
@@ -370,6 +380,39 @@ class AdapterContext:
             kept = seq.req.prefix_tokens
             if was_prefilling and seq.n_past == len(kept):
                 self._keep(tuple(kept), seq.seq_id, background=seq.background)
+
+    def _take_back(self, ended: list[Sequence]) -> bool:
+        """The cache is full: a sequence gives its cells back. Shadow work is cancelled (its
+        worker queues it again); else the youngest live sequence is evicted, to read its prompt
+        and output again once there is room. False when no other sequence can give way."""
+        import llama_cpp
+
+        active = [s for s in self.sequences if not (s.done or s.parked) and s not in ended]
+        background = [s for s in active if s.background]
+        if background:
+            victim = background[-1]
+            victim.finish = "cancelled"
+            self._stats.preempted += 1
+            ended.append(victim)
+            return True
+        if len(active) < 2:
+            return False
+        victim = active[-1]
+        llama_cpp.llama_memory_seq_rm(self._memory, victim.seq_id, -1, -1)
+        victim.evicted()
+        self._stats.evicted += 1
+        log.info("KV cache full: sequence %d gave back its cells, to be read again", victim.seq_id)
+        return True
+
+    def _unpark(self) -> None:
+        """Let evicted sequences read their tokens again, oldest first, as room allows."""
+        for seq in self.sequences:
+            if (
+                seq.parked
+                and self._reserved(parked=False) + seq.cells(GENERATION_RESERVE) <= self.shape.n_cells
+            ):
+                seq.parked = False
+                self._fork_prefix(seq)
 
     def _release(self, seq: Sequence) -> None:
         import llama_cpp

@@ -3,9 +3,8 @@
 Plain Python, no HTTP. Requests wait in a bounded queue (a full one is a ``QueueFullError``,
 429) and join the running batch of their adapter set's context at the next token boundary; they
 leave it the moment they finish. One worker thread drives every llama.cpp call: each loop admits
-what fits, then runs one decode step per context that has work, in turn (contexts with batches
-alike side by side, the threads shared out), so several adapter sets share the CPU fairly and
-none waits for another's request to finish.
+what fits, then runs a round of decode steps over the contexts that have work (pool.py), so
+several adapter sets share the CPU fairly and none waits for another's request to finish.
 """
 
 from __future__ import annotations
@@ -14,27 +13,25 @@ import logging
 import math
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 from slm_agent.errors import (
     ContextOverflowError,
     DeadlineExceededError,
-    InsufficientMemoryError,
     ModelStoreError,
     NotFoundError,
     QueueFullError,
     UnavailableError,
 )
 from slm_agent.models import llama_log
-from slm_agent.models.gguf_info import read_info
-from slm_agent.models.memory import UNKNOWN_KV_BYTES_PER_CELL, kv_bytes_per_token
 from slm_agent.runtime.engine.constraints import Constraint
-from slm_agent.runtime.engine.context import AdapterContext, AdapterKey, ContextShape
+from slm_agent.runtime.engine.context import AdapterContext, AdapterKey
 from slm_agent.runtime.engine.guided import Guide
+from slm_agent.runtime.engine.pool import ContextPool, plan_contexts
 from slm_agent.runtime.engine.prefix_cache import PrefixCache
 from slm_agent.runtime.engine.sequence import Sequence, Vocab
 from slm_agent.runtime.engine.types import (
@@ -65,12 +62,11 @@ class Engine:
         self.adapters: dict[str, LoadedAdapter] = {}
         self._model: Any = None  # llama_cpp._internals.LlamaModel
         self._vocab: Vocab | None = None
-        self._shape: ContextShape | None = None
         # Held by the worker around each decode step, and by adapter changes.
         self._lock = threading.RLock()
         self._wake = threading.Condition()
         self._pending: deque[_Item] = deque()
-        self._contexts: OrderedDict[AdapterKey, AdapterContext] = OrderedDict()
+        self._pool: ContextPool | None = None  # made by load(), on the model
         self._worker: threading.Thread | None = None
         self._active = False
         self._prefixes = PrefixCache(config.prefix_cache_size)
@@ -80,8 +76,6 @@ class Engine:
         self._last_finished = float("-inf")  # of a live request: background work is not serving
         self._submit_listeners: list[Callable[[GenerationRequest], None]] = []
         self._guide = Guide()
-        # Runs context steps side by side (llama_decode releases the GIL).
-        self._steppers = ThreadPoolExecutor(max(1, config.max_contexts), thread_name_prefix="engine-step")
 
     # -- lifecycle -------------------------------------------------------------------------------
     def load(self) -> None:
@@ -91,7 +85,7 @@ class Engine:
         llama_log.install()
         llama_cpp.llama_backend_init()
         started = time.perf_counter()
-        self._shape = self._plan_contexts()
+        shape = plan_contexts(self.config)
         self._model = LlamaModel(
             path_model=str(self.config.model_path),
             params=llama_cpp.llama_model_default_params(),
@@ -104,9 +98,12 @@ class Engine:
             piece=self._piece,
             is_eog=lambda token: bool(llama_cpp.llama_vocab_is_eog(vocab, token)),
         )
+        self._pool = ContextPool(
+            self._model.model, shape, self._prefixes, self.stats, self.config.max_contexts
+        )
         # The base model's context is made now: the first request should not pay for it, and a
         # context that cannot be made is a load failure, not a request's.
-        self._context(None)
+        self._pool.get(None, None)
         if self.config.constraints == "llguidance":
             self._guide.start(vocab)
         self._active = True
@@ -117,31 +114,8 @@ class Engine:
             self.config.model_path.name,
             time.perf_counter() - started,
             self.config.max_contexts,
-            self._shape.n_cells,
-            self._shape.max_sequences,
-        )
-
-    def _plan_contexts(self) -> ContextShape:
-        """Size each context's KV cache from the budget; refuse a budget that cannot hold one
-        full-length request per context, with the numbers."""
-        cfg = self.config
-        per_cell = kv_bytes_per_token(read_info(cfg.model_path)) or UNKNOWN_KV_BYTES_PER_CELL
-        per_context = cfg.kv_budget_mb * 2**20 // max(1, cfg.max_contexts)
-        cells = cfg.kv_cells(per_cell)
-        if cells < cfg.n_ctx:
-            raise InsufficientMemoryError(
-                f"kv_budget_mb={cfg.kv_budget_mb} gives each of max_contexts={cfg.max_contexts} contexts "
-                f"{per_context / 2**20:.0f} MB, {per_context // per_cell} KV cells at {per_cell / 1024:.1f} KB "
-                f"a cell; one request of n_ctx={cfg.n_ctx} needs {cfg.n_ctx} cells "
-                f"({cfg.n_ctx * per_cell * cfg.max_contexts / 2**20:.0f} MB for all contexts). Raise "
-                "kv_budget_mb, or lower n_ctx or max_contexts"
-            )
-        return ContextShape(
-            n_cells=cells,
-            max_sequences=cfg.max_sequences,
-            max_prefixes=cfg.prefix_cache_size,
-            n_threads=cfg.n_threads,
-            n_batch=cfg.n_batch,
+            shape.n_cells,
+            shape.max_sequences,
         )
 
     @property
@@ -154,7 +128,7 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return sum(len(c.sequences) for c in list(self._contexts.values()))
+        return self._pool.running if self._pool is not None else 0
 
     @property
     def queue_depth(self) -> int:
@@ -167,7 +141,7 @@ class Engine:
 
     @property
     def contexts(self) -> int:
-        return len(self._contexts)
+        return len(self._pool) if self._pool is not None else 0
 
     def on_submit(self, listener: Callable[[GenerationRequest], None]) -> Callable[[], None]:
         """Call ``listener(req)`` on the submitting thread whenever a live request is queued (the
@@ -189,12 +163,9 @@ class Engine:
         if self._worker:
             self._worker.join(timeout)
         self._guide.stop()
-        self._steppers.shutdown(wait=True)
         with self._lock:
-            for ctx in self._contexts.values():
-                self._settle(ctx.fail_all(UnavailableError("the engine shut down", retry_after_s=2)))
-                ctx.close()
-            self._contexts.clear()
+            if self._pool is not None:
+                self._settle(self._pool.close(UnavailableError("the engine shut down", retry_after_s=2)))
             for name in list(self.adapters):
                 self._free_adapter(name)
             if self._model is not None:
@@ -231,37 +202,12 @@ class Engine:
     def _free_adapter(self, name: str) -> None:
         import llama_cpp
 
-        for key in [k for k in self._contexts if k is not None and k[0] == name]:
-            self._drop_context(key, UnavailableError(f"adapter {name!r} was unloaded", retry_after_s=1))
+        if self._pool is not None:
+            self._settle(
+                self._pool.drop(name, UnavailableError(f"adapter {name!r} was unloaded", retry_after_s=1))
+            )
         self._prefixes.drop_adapter(f"{name}@")
         llama_cpp.llama_adapter_lora_free(self.adapters.pop(name).handle)
-
-    def _context(self, key: AdapterKey) -> AdapterContext | None:
-        """The context of adapter set ``key``: its own, a new one while there is room, else an
-        idle one switched over to it; None while every context is busy."""
-        ctx = self._contexts.get(key)
-        if ctx is not None:
-            self._contexts.move_to_end(key)
-            return ctx
-        handle = self.adapters[key[0]].handle if key is not None else None
-        if len(self._contexts) >= self.config.max_contexts:
-            idle = next((k for k, c in self._contexts.items() if not c.sequences), False)
-            if idle is False:
-                return None
-            ctx = self._contexts.pop(idle)  # type: ignore[arg-type]
-            ctx.rebind(key, handle)
-            self.stats.adapter_switches += 1
-        else:
-            assert self._shape is not None
-            ctx = AdapterContext(self._model.model, key, handle, self._shape, self._prefixes, self.stats)
-            self.stats.contexts_created += 1
-        self._contexts[key] = ctx
-        return ctx
-
-    def _drop_context(self, key: AdapterKey, error: BaseException) -> None:
-        ctx = self._contexts.pop(key)
-        self._settle(ctx.fail_all(error))
-        ctx.close()
 
     # -- requests --------------------------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool) -> list[int]:
@@ -360,58 +306,23 @@ class Engine:
                     self._wake.wait()
             with self._lock:
                 self._admit()
-                contexts = self._turns()
+                assert self._pool is not None
+                groups = self._pool.round(self.config.n_threads)
             # Right after live traffic, another live request is likely: background sequences then
             # decode a few at a time, so the step one must wait out stays short.
-            limit = BACKGROUND_DECODERS_NEAR_LIVE if self._near_live(contexts) else None
-            for group in self._groups(contexts):
-                self._step(group, limit)
-            if not contexts:
+            limit = BACKGROUND_DECODERS_NEAR_LIVE if self._near_live(groups) else None
+            for group in groups:
+                with self._lock:
+                    assert self._pool is not None
+                    self._settle(self._pool.step(group, self.config.n_threads, limit))
+            if not groups:
                 # Everything pending waits for a busy context to be freed: let time pass.
                 time.sleep(0.001)
 
-    def _step(self, group: list[AdapterContext], limit: int | None) -> None:
-        """One decode step of each context in ``group``, side by side when there are several."""
-        with self._lock:
-            group = [c for c in group if c.ctx is not None]  # not freed by an adapter unload meanwhile
-            share = max(1, self.config.n_threads // max(1, len(group)))
-            for ctx in group:
-                ctx.set_threads(share)
-            if len(group) == 1:
-                self._settle(group[0].step(limit))
-                return
-            for ended in self._steppers.map(lambda ctx: ctx.step(limit), group):
-                self._settle(ended)
-
-    def _groups(self, contexts: list[AdapterContext]) -> list[list[AdapterContext]]:
-        """The contexts in turn, those that step side by side grouped: llama.cpp applies LoRA per
-        context, so batches of different adapter sets cannot merge, but two batches of 4 on a
-        core each keep both cores as busy as one batch of 8 on two (0.55x of it in turn, ~1.0x
-        side by side here). Only batches of a size and of one priority pair up: a live stream
-        beside 8 shadow sequences on one core would wait on their slower step."""
-        n = self.config.n_threads
-        groups: list[list[AdapterContext]] = []
-        for ctx in contexts:
-            last = groups[-1] if groups else []
-            if last and len(last) < n and last[0].serves_live == ctx.serves_live and _balanced([*last, ctx]):
-                last.append(ctx)
-            else:
-                groups.append([ctx])
-        return groups
-
-    def _near_live(self, contexts: list[AdapterContext]) -> bool:
+    def _near_live(self, groups: list[list[AdapterContext]]) -> bool:
         """A live request runs, or one finished within NEAR_LIVE_S."""
         recent = time.monotonic() - self._last_finished < NEAR_LIVE_S
-        return recent or any(c.serves_live for c in contexts)
-
-    def _turns(self) -> list[AdapterContext]:
-        """The contexts to step this round: those serving live requests first; while a live
-        prompt is being read, only those (a context of shadow work alone waits a round)."""
-        busy = [c for c in self._contexts.values() if c.sequences]
-        live = [c for c in busy if c.serves_live]
-        if any(c.reading_live_prompt for c in live):
-            return live
-        return live + [c for c in busy if not c.serves_live]
+        return recent or any(c.serves_live for group in groups for c in group)
 
     def _admit(self) -> None:
         """Move pending requests into their contexts' batches, live before background, each
@@ -443,19 +354,20 @@ class Engine:
             future.set_exception(UnavailableError(f"adapter {req.adapter!r} was unloaded", retry_after_s=1))
             return True
         key: AdapterKey = (req.adapter, req.adapter_scale) if req.adapter and req.adapter_scale else None
-        ctx = self._context(key)
+        handle = self.adapters[req.adapter].handle if key is not None else None
+        assert self._pool is not None
+        ctx = self._pool.get(key, handle)
         if ctx is None and not req.background:
             # Live work goes first: a context that only shadow work holds is emptied for it.
-            for other in list(self._contexts.values()):
+            for other in self._pool:
                 if all(s.background for s in other.sequences):
                     while (gone := other.preempt_background()) is not None:
                         self._settle([gone])
-                    ctx = self._context(key)
+                    ctx = self._pool.get(key, handle)
                     break
         if ctx is None:
             return False
-        need = len(req.prefix_tokens) + len(req.body_tokens) + req.max_tokens + 1
-        while not ctx.can_take(need):
+        while not ctx.can_take(req):
             # Shadow work in the way is cancelled (the shadow worker queues it again).
             if req.background or (gone := ctx.preempt_background()) is None:
                 return False
@@ -495,11 +407,6 @@ class Engine:
     @property
     def prefix_cache(self) -> PrefixCache:
         return self._prefixes
-
-
-def _balanced(group: list[AdapterContext]) -> bool:
-    sizes = [len(c.sequences) for c in group]
-    return min(sizes) * 2 >= max(sizes)
 
 
 def _cancelled(req: GenerationRequest, queue_ms: float) -> GenerationResult:

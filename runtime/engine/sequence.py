@@ -56,6 +56,8 @@ class Sequence:
         self.seq_id = seq_id
         self.vocab = vocab
         self.prompt = req.prefix_tokens + req.body_tokens
+        self._prompt_len = len(self.prompt)  # as asked (the prompt grows when it is read again)
+        self.parked = False  # its KV cells were taken back: it waits for room to read it again
         self.started = time.perf_counter()
         self.queue_ms = (self.started - req.enqueued_at) * 1000
         self.n_past = 0  # tokens of this sequence the KV cache holds
@@ -95,6 +97,24 @@ class Sequence:
     @property
     def done(self) -> bool:
         return self.finish is not None and not self._scoring_only
+
+    def cells(self, reserve: int) -> int:
+        """KV cells this sequence holds, or may soon: its tokens so far and room for its first
+        ``reserve`` generated tokens (no more than it may generate), less those it shares with a
+        resident prefix."""
+        grown = max(self.completion, min(self.req.max_tokens, reserve))
+        return self._prompt_len + grown + 1 - self.cached
+
+    def evicted(self) -> None:
+        """Its KV cells were taken back for others (preemption by recompute): once there is room
+        it reads its prompt and what it generated again, then goes on where it stopped. Only the
+        logprobs of grammar-forced tokens still waiting to be scored are lost."""
+        self.prompt = self.prompt[: self._prompt_len] + self._tokens
+        self.n_past = self.cached = 0
+        self._feed = []
+        self._unscored = 0
+        self._scoring_only = False
+        self.parked = True
 
     def next_step(self, budget: int, stop_at: int | None = None) -> Step | None:
         """The tokens to evaluate now: up to ``budget`` prompt tokens (ending at ``stop_at`` when
@@ -211,7 +231,7 @@ class Sequence:
         return GenerationResult(
             text=self._assembler.text,
             finish_reason=self.finish or "stop",
-            prompt_tokens=len(self.prompt),
+            prompt_tokens=self._prompt_len,
             completion_tokens=self.completion,
             cached_tokens=self.cached,
             queue_ms=self.queue_ms,

@@ -95,6 +95,7 @@ class EngineStats:
     completion_tokens: int = 0
     cancelled: int = 0
     preempted: int = 0  # background sequences cancelled to make room for live requests
+    evicted: int = 0  # live sequences whose KV cells were taken back, read again later
     queue_ms: float = 0.0  # summed over started requests
     steps: int = 0  # decode steps, each over every sequence of one context that had work
     step_tokens: int = 0

@@ -54,6 +54,15 @@ class _EngineCollector(Collector):
             "Time started requests waited in the queue.",
             stats.queue_ms / 1000,
         )
+        given_back = CounterMetricFamily(
+            "slm_engine_kv_taken_back",
+            "Sequences that gave their KV cells back to a full cache: shadow work cancelled, live "
+            "sequences evicted to be read again.",
+            labels=["kind"],
+        )
+        given_back.add_metric(["shadow_cancelled"], stats.preempted)
+        given_back.add_metric(["live_evicted"], stats.evicted)
+        yield given_back
         hits = CounterMetricFamily(
             "slm_prefix_cache", "Prompt-prefix lookups by outcome.", labels=["outcome"]
         )
