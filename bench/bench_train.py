@@ -31,11 +31,11 @@ from slm_agent.contracts.tasks import Task, builtin_tasks
 from slm_agent.models.bundled import BUNDLED_NAME, ensure_bundled
 from slm_agent.models.store import ModelStore
 from slm_agent.runtime.config import load_settings
-from slm_agent.train.dataset import Example
-from slm_agent.train.dedup import stable_split
-from slm_agent.train.labels import canonical
+from slm_agent.train.data.dataset import Example
+from slm_agent.train.data.dedup import stable_split
+from slm_agent.train.data.labels import canonical
+from slm_agent.train.data.tokenizer import ServingTokenizer, answer_text
 from slm_agent.train.settings import LoraConfig, TrainSettings
-from slm_agent.train.tokenizer import ServingTokenizer, answer_text
 
 EXTRACT_INPUTS = [
     ("Hi, this is {n} from {c} in {city}; mail me at {e}.", True),
@@ -92,7 +92,7 @@ def extract_pairs(n: int) -> list[tuple[str, object]]:
 def step_times(model, batch_examples: list[Example], mode: str, share: bool, steps: int) -> list[float]:
     import torch
 
-    from slm_agent.train.lora import batch_loss, collate
+    from slm_agent.train.tuning.lora import batch_loss, collate
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
@@ -119,9 +119,9 @@ def main() -> None:
 
     from slm_agent.quantize.lora_gguf import convert_peft_adapter
     from slm_agent.quantize.parity import check_parity
-    from slm_agent.train import lora
-    from slm_agent.train.base import load_base
-    from slm_agent.train.evaluate import Candidate, run_candidates
+    from slm_agent.train.evaluation.evaluate import Candidate, run_candidates
+    from slm_agent.train.tuning import lora
+    from slm_agent.train.tuning.base import load_base
 
     store = ModelStore(load_settings().store_dir)
     base_manifest = ensure_bundled(store) if not store.has(BUNDLED_NAME) else store.get(BUNDLED_NAME)

@@ -55,15 +55,15 @@ from slm_agent.runtime.store.traces import TraceStore
 from slm_agent.runtime.sync.pull import pull
 from slm_agent.runtime.sync.push import push
 from slm_agent.train.box import TrainingBox
-from slm_agent.train.chat import ChatInput
-from slm_agent.train.collected import CollectedTrace, read_traces
-from slm_agent.train.dataset import build_dataset, load_split
-from slm_agent.train.discover import DiscoveryReport, TaskProposal, accept, discover
-from slm_agent.train.discover_cli import discover as discover_cli
-from slm_agent.train.labels import Labeled, Unusable, label_trace
+from slm_agent.train.data.chat import ChatInput
+from slm_agent.train.data.collected import CollectedTrace, read_traces
+from slm_agent.train.data.dataset import build_dataset, load_split
+from slm_agent.train.data.labels import Labeled, Unusable, label_trace
+from slm_agent.train.data.tokenizer import ServingTokenizer
+from slm_agent.train.discovery.discover import DiscoveryReport, TaskProposal, accept, discover
+from slm_agent.train.discovery.discover_cli import discover as discover_cli
 from slm_agent.train.settings import LoraConfig, TrainSettings
 from slm_agent.train.task_toml import shipped_task_file
-from slm_agent.train.tokenizer import ServingTokenizer
 
 N = 60  # calls per subtask
 N_PLANNING = 20

@@ -17,10 +17,16 @@ from slm_agent.contracts.tasks import TASK_NAME_RE, Example, load_task_file, par
 from slm_agent.errors import BadRequestError, ConflictError
 from slm_agent.models.encoder import Encoder
 from slm_agent.runtime.engine.grammars import schema_grammar
-from slm_agent.train.collected import CollectedTrace, read_traces
-from slm_agent.train.contract import infer_contract, infer_schema
-from slm_agent.train.discover import DiscoveryReport, TaskProposal, accept, discover, proposal_to_task_toml
-from slm_agent.train.discover_cli import discover as discover_cli
+from slm_agent.train.data.collected import CollectedTrace, read_traces
+from slm_agent.train.data.contract import infer_contract, infer_schema
+from slm_agent.train.discovery.discover import (
+    DiscoveryReport,
+    TaskProposal,
+    accept,
+    discover,
+    proposal_to_task_toml,
+)
+from slm_agent.train.discovery.discover_cli import discover as discover_cli
 
 NAMES = ["Alice Martin", "Bob Chen", "Dana Ruiz", "Eve Novak", "Farid Haddad", "Grace Kim", "Hugo Silva"]
 CITIES = ["Paris", "Berlin", "Lima", "Oslo", "Madrid", "Tokyo", "Lisbon", "Austin", "Nairobi", "Toronto"]

@@ -34,8 +34,8 @@ from slm_agent.runtime.store.traces import TraceStore
 from slm_agent.runtime.sync.pull import pull
 from slm_agent.runtime.sync.push import push
 from slm_agent.train.box import TrainingBox
-from slm_agent.train.collected import read_traces
-from slm_agent.train.discover import accept, discover
+from slm_agent.train.data.collected import read_traces
+from slm_agent.train.discovery.discover import accept, discover
 from slm_agent.train.settings import LoraConfig, TrainSettings
 
 pytestmark = pytest.mark.slow

@@ -17,10 +17,10 @@ from slm_agent.contracts.tasks import Task
 from slm_agent.errors import BadRequestError, NotFoundError
 from slm_agent.models.manifest import PromptFormat
 from slm_agent.runtime.engine import Engine, EngineConfig, GenerationRequest
-from slm_agent.train.collected import read_traces, request_text
-from slm_agent.train.dataset import build_dataset, load_card, load_split
-from slm_agent.train.dedup import near_duplicate_groups, stable_split
-from slm_agent.train.tokenizer import ServingTokenizer
+from slm_agent.train.data.collected import read_traces, request_text
+from slm_agent.train.data.dataset import build_dataset, load_card, load_split
+from slm_agent.train.data.dedup import near_duplicate_groups, stable_split
+from slm_agent.train.data.tokenizer import ServingTokenizer
 
 
 def _collect(root: Path, rows: list[tuple[TraceRecord, list[FeedbackRecord]]], batch: str = "b1") -> str:

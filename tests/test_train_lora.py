@@ -15,10 +15,10 @@ from slm_agent.contracts.tasks import TaskRegistry
 from slm_agent.errors import BadRequestError, ConflictError, NotFoundError
 from slm_agent.quantize.lora_gguf import convert_peft_adapter
 from slm_agent.quantize.parity import check_parity
-from slm_agent.train.base import load_base
 from slm_agent.train.box import ParityFailed, TrainingBox
-from slm_agent.train.dataset import load_split
+from slm_agent.train.data.dataset import load_split
 from slm_agent.train.settings import LoraConfig, TrainSettings
+from slm_agent.train.tuning.base import load_base
 
 torch = pytest.importorskip("torch")
 
@@ -53,7 +53,7 @@ def box(tmp_path, shared_store, collected, train_base_cache) -> TrainingBox:
 
 
 def _random_lora(base, seed: int = 0):
-    from slm_agent.train.lora import add_lora
+    from slm_agent.train.tuning.lora import add_lora
 
     torch.manual_seed(seed)
     model = add_lora(base, LoraConfig(rank=4, alpha=8))
@@ -65,7 +65,7 @@ def _random_lora(base, seed: int = 0):
 
 
 def test_converted_adapter_moves_llama_cpp_loss_as_it_moves_peft_loss(box, model_path, bundled, tmp_path):
-    from slm_agent.train.lora import mean_loss
+    from slm_agent.train.tuning.lora import mean_loss
 
     examples = load_split(box.workspace("shipment").dataset, "train")[:8]
     base = load_base(model_path, bundled.sha256, box.settings.base_cache)
@@ -91,7 +91,7 @@ def test_converted_adapter_moves_llama_cpp_loss_as_it_moves_peft_loss(box, model
 
 
 def test_training_resumes_where_it_stopped_and_is_reproducible(box, model_path, bundled, tmp_path):
-    from slm_agent.train import lora
+    from slm_agent.train.tuning import lora
 
     ws = box.workspace("shipment")
     train_set, val_set = load_split(ws.dataset, "train")[:12], load_split(ws.dataset, "val")[:4]
@@ -184,7 +184,7 @@ def test_converter_refuses_what_is_not_a_fitting_lora(box, model_path, bundled, 
 
 
 def test_shared_prefix_and_answer_only_logits_give_the_full_loss_and_gradients(box, model_path, bundled):
-    from slm_agent.train.lora import batch_loss, collate, shared_prefix
+    from slm_agent.train.tuning.lora import batch_loss, collate, shared_prefix
 
     examples = load_split(box.workspace("shipment").dataset, "train")[:4]
     model = _random_lora(load_base(model_path, bundled.sha256, box.settings.base_cache))

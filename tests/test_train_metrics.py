@@ -10,7 +10,7 @@ import pytest
 from slm_agent.contracts.scoring import ExampleScore, score_example
 from slm_agent.contracts.tasks import Task
 from slm_agent.errors import BadRequestError, SchemaError
-from slm_agent.train.metrics import TaskMetrics, aggregate
+from slm_agent.train.evaluation.metrics import TaskMetrics, aggregate
 
 PERSON_SCHEMA: dict[str, Any] = {
     "type": "object",

@@ -11,11 +11,11 @@ from train_task import TASK_TOML, shipment_task
 from slm_agent.contracts.tasks import TaskRegistry
 from slm_agent.errors import BadRequestError, ConflictError
 from slm_agent.train.box import LoraReport, TrainingBox
-from slm_agent.train.dataset import DatasetCard, LengthStats, task_sha256
-from slm_agent.train.evaluate import CandidateResult, EvalReport, select
-from slm_agent.train.lora import TrainResult
-from slm_agent.train.metrics import TaskMetrics
+from slm_agent.train.data.dataset import DatasetCard, LengthStats, task_sha256
+from slm_agent.train.evaluation.evaluate import CandidateResult, EvalReport, select
+from slm_agent.train.evaluation.metrics import TaskMetrics
 from slm_agent.train.settings import LoraConfig, TrainSettings
+from slm_agent.train.tuning.lora import TrainResult
 
 
 def _metrics(exact: float) -> TaskMetrics:

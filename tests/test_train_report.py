@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from slm_agent.train.metrics import TaskMetrics
+from slm_agent.train.evaluation.metrics import TaskMetrics
 from slm_agent.train.report import markdown_table, plot_curve, plot_metrics, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -19,14 +19,21 @@ from slm_agent.contracts.wire import PublishedAdapter, scan_publish_dir
 from slm_agent.errors import BadRequestError, ConflictError, NotFoundError
 from slm_agent.models.manifest import ModelManifest
 from slm_agent.models.store import ModelStore
-from slm_agent.train.collected import read_traces
-from slm_agent.train.dataset import DatasetCard, build_dataset, load_card, load_split, task_sha256
-from slm_agent.train.evaluate import Candidate, EvalReport, eval_markdown, plot_report, run_candidates, select
-from slm_agent.train.lora import StepReport, TrainResult
+from slm_agent.train.data.collected import read_traces
+from slm_agent.train.data.dataset import DatasetCard, build_dataset, load_card, load_split, task_sha256
+from slm_agent.train.data.tokenizer import ServingTokenizer
+from slm_agent.train.evaluation.evaluate import (
+    Candidate,
+    EvalReport,
+    eval_markdown,
+    plot_report,
+    run_candidates,
+    select,
+)
 from slm_agent.train.report import markdown_table, plot_curve, write_report
 from slm_agent.train.settings import LoraConfig, TrainSettings
 from slm_agent.train.task_toml import shipped_task_file
-from slm_agent.train.tokenizer import ServingTokenizer
+from slm_agent.train.tuning.lora import StepReport, TrainResult
 from slm_agent.train.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -117,13 +124,13 @@ class TrainingBox:
         on_step: Callable[[StepReport], None] | None = None,
     ) -> LoraReport:
         """Fine-tune, convert to GGUF and check parity; a failed parity leaves no adapter.gguf."""
-        from slm_agent.train.base import require_training_stack
+        from slm_agent.train.tuning.base import require_training_stack
 
         require_training_stack()
         from slm_agent.quantize.lora_gguf import convert_peft_adapter
         from slm_agent.quantize.parity import check_parity
-        from slm_agent.train import lora
-        from slm_agent.train.base import load_base, pick_device
+        from slm_agent.train.tuning import lora
+        from slm_agent.train.tuning.base import load_base, pick_device
 
         ws = self.workspace(name)
         card = self.current_card(name)

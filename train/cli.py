@@ -17,7 +17,7 @@ from slm_agent.models.store import ModelStore
 from slm_agent.progress import rich_progress
 from slm_agent.runtime.config import load_settings
 from slm_agent.train.box import TrainingBox
-from slm_agent.train.discover_cli import discover
+from slm_agent.train.discovery.discover_cli import discover
 from slm_agent.train.loop import run_loop
 from slm_agent.train.settings import LoraConfig, TrainSettings
 

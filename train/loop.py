@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from slm_agent.errors import SlmAgentError
 from slm_agent.train.box import TrainingBox
-from slm_agent.train.collected import task_counts
+from slm_agent.train.data.collected import task_counts
 from slm_agent.train.report import markdown_table, write_report
 from slm_agent.train.settings import LoraConfig
 

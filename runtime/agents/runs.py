@@ -1,6 +1,6 @@
 """Agent runs: the remote LLM plans, the steps run where they fit, the remote writes the answer.
 
-A run, in plain Python (the HTTP routes in ``agent_api.py`` only start it and stream it):
+A run, in plain Python (the HTTP routes in ``http/routes/agents.py`` only start it and stream it):
 
 1. **plan** (remote): a JSON list of steps, each ``{"task": name, "input": ...}`` or
    ``{"tool": name, "arguments": {...}}``, over the local tasks and the client's tools.
@@ -26,15 +26,15 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
-
-from slm_agent.contracts.api import RequestBody, TaskRequest
+from slm_agent.contracts.api import TaskRequest
 from slm_agent.contracts.clock import new_id, utcnow
 from slm_agent.errors import BudgetExceededError, RunLimitError, SlmAgentError
+from slm_agent.runtime.agents.feed import RunFeed
+from slm_agent.runtime.agents.models import AgentRun, AgentRunRequest
 from slm_agent.runtime.remote.tasks import strip_fences
 from slm_agent.runtime.routing.escalation import Escalation
 from slm_agent.runtime.serving.context import CallContext
@@ -60,57 +60,6 @@ PLAN_SCHEMA: dict[str, Any] = {
     },
     "required": ["steps"],
 }
-
-
-class AgentRunRequest(RequestBody):
-    # Limits are strict numbers: lax parsing would read "max_cost_usd": false as a $0 budget.
-    goal: str = Field(min_length=1, description="What the run must achieve.")
-    tools: list[dict[str, Any]] = Field(default_factory=list, description="The agent's tools (OpenAI shape).")
-    max_steps: int = Field(
-        8, ge=1, le=64, strict=True, description="Steps run at most; a longer plan is cut."
-    )
-    max_seconds: float = Field(
-        300.0, gt=0, le=86_400, strict=True, description="Wall-clock limit of the whole run."
-    )
-    max_cost_usd: float | None = Field(
-        None, ge=0, strict=True, allow_inf_nan=False, description="Remote spend limit of the run."
-    )
-
-
-class AgentRun(BaseModel):
-    id: str
-    status: str
-    goal: str
-    answer: str | None = None
-    pending_tool_calls: list[dict[str, Any]] = Field(default_factory=list)
-    cost_usd: float = 0.0
-    error: str | None = None
-    spans: list[Span] = Field(default_factory=list)
-
-
-class RunFeed:
-    """A run's spans as they change, replayed from the start to every subscriber."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict[str, Any]]] = []
-        self.done = False
-        self._changed = asyncio.Event()
-
-    def push(self, kind: str, data: dict[str, Any], *, last: bool = False) -> None:
-        self.events.append((kind, data))
-        self.done = self.done or last
-        self._changed.set()
-
-    async def follow(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-        sent = 0
-        while True:
-            while sent < len(self.events):
-                yield self.events[sent]
-                sent += 1
-            if self.done:
-                return
-            self._changed.clear()
-            await self._changed.wait()
 
 
 class AgentRunner:

@@ -10,7 +10,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from slm_agent.contracts.api import RunStarted
 from slm_agent.contracts.clock import new_id
-from slm_agent.runtime.agents.runs import AgentRun, AgentRunRequest, RunFeed
+from slm_agent.runtime.agents.feed import RunFeed
+from slm_agent.runtime.agents.models import AgentRun, AgentRunRequest
 from slm_agent.runtime.http.deps import Caller, LoadedServices, ReadyServices
 from slm_agent.runtime.http.errors import documented
 from slm_agent.runtime.http.respond import sse_only

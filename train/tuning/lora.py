@@ -22,7 +22,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from slm_agent.errors import BadRequestError
-from slm_agent.train.dataset import Example
+from slm_agent.train.data.dataset import Example
 from slm_agent.train.settings import LoraConfig
 
 LossMode = Literal["answer", "full"]

@@ -12,7 +12,7 @@ import json
 from collections import Counter
 from typing import Any, Literal
 
-from slm_agent.train.collected import CollectedTrace
+from slm_agent.train.data.collected import CollectedTrace
 
 Kind = Literal["json", "label", "tool_call", "text"]
 AnswerShape = Literal["tool_call", "json", "text"]

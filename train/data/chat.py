@@ -18,7 +18,7 @@ from slm_agent.contracts.prompts import chat_task_prompt, task_prompt
 from slm_agent.contracts.signature import request_content
 from slm_agent.contracts.tasks import Task
 from slm_agent.models.manifest import PromptFormat
-from slm_agent.train.collected import CollectedTrace
+from slm_agent.train.data.collected import CollectedTrace
 
 
 class ChatInput(BaseModel):

@@ -17,15 +17,15 @@ from slm_agent.models.encoder import Encoder
 from slm_agent.progress import rich_progress
 from slm_agent.quantize.encoder import ensure_encoder
 from slm_agent.runtime.config import load_settings
-from slm_agent.train.collected import read_traces
-from slm_agent.train.discover import (
+from slm_agent.train.data.collected import read_traces
+from slm_agent.train.discovery.discover import (
     DEFAULT_MIN_SIZE,
     DEFAULT_THRESHOLD,
     DiscoveryReport,
     TaskProposal,
     accept,
 )
-from slm_agent.train.discover import discover as discover_traces
+from slm_agent.train.discovery.discover import discover as discover_traces
 from slm_agent.train.report import markdown_table, write_report
 
 _COLUMNS = ["#", "name", "kind", "traces", "share", "contract", "form", "example"]

@@ -8,7 +8,7 @@ from collections import Counter
 from typing import Any
 
 from slm_agent.contracts.tasks import TASK_NAME_RE, builtin_tasks
-from slm_agent.train.contract import is_tool_call
+from slm_agent.train.data.contract import is_tool_call
 
 
 class TaskNames:

@@ -25,8 +25,8 @@ from pydantic import BaseModel
 from slm_agent.contracts.centroids import calibrate_threshold, centroid, cosines
 from slm_agent.contracts.planning import asks_for_planning
 from slm_agent.contracts.signature import template_signature
-from slm_agent.train.collected import CollectedTrace
-from slm_agent.train.contract import AnswerShape, Kind, infer_contract, is_tool_call
+from slm_agent.train.data.collected import CollectedTrace
+from slm_agent.train.data.contract import AnswerShape, Kind, infer_contract, is_tool_call
 
 # A second answer shape splits a step when it has at least this share of the answered calls
 # (and ``min_size`` of them): a few odd answers are noise the labeller drops, not another task.

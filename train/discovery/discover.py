@@ -1,6 +1,6 @@
 """Task discovery: group collected traces by template, then by content; propose a task per big group.
 
-Agent calls are grouped by their template signature first (``train.templates``): one agent step
+Agent calls are grouped by their template signature first (``train.discovery.templates``): one agent step
 is one group whatever each call asks, and becomes a chat-shaped proposal that keeps the agent's
 own request as its input, with the signature, a centroid and a match threshold the device matches
 new calls with. Planning requests are never proposed. Traces without a usable template (task-API
@@ -37,8 +37,8 @@ from slm_agent.errors import BadRequestError, ConflictError
 from slm_agent.models.encoder import Encoder
 from slm_agent.progress import ProgressFn
 from slm_agent.quantize.encoder import ensure_encoder
-from slm_agent.train.collected import CollectedTrace
-from slm_agent.train.contract import (
+from slm_agent.train.data.collected import CollectedTrace
+from slm_agent.train.data.contract import (
     AnswerShape,
     Kind,
     answer_of,
@@ -49,9 +49,8 @@ from slm_agent.train.contract import (
     instructions,
     is_tool_call,
 )
-from slm_agent.train.names import TaskNames
-from slm_agent.train.task_toml import task_toml
-from slm_agent.train.templates import (
+from slm_agent.train.discovery.names import TaskNames
+from slm_agent.train.discovery.templates import (
     TemplateGroup,
     chat_contract,
     group_by_template,
@@ -59,6 +58,7 @@ from slm_agent.train.templates import (
     placement,
     split_by_answers,
 )
+from slm_agent.train.task_toml import task_toml
 
 DEFAULT_MIN_SIZE = 5
 # Average-linkage cosine distance: clusters merge while their members are, on average, more alike

@@ -4,7 +4,7 @@ Candidates: the base model, each trained adapter, the currently published adapte
 base model in the store (SLM selection: the smallest that meets the bar), and the remote
 teacher's own answers where calls were escalated. Each local candidate goes through the daemon's
 engine with the task's prompt, stop strings and grammar, so the numbers are what a device sees;
-a chat-shaped task's prompt is the agent's own request (``train.chat.example_prompt``).
+a chat-shaped task's prompt is the agent's own request (``train.data.chat.example_prompt``).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from slm_agent.contracts.tasks import Task
 from slm_agent.models.manifest import PromptFormat
 from slm_agent.runtime.engine import Engine, EngineConfig, GenerationRequest
 from slm_agent.runtime.engine.grammars import task_grammar
-from slm_agent.train.chat import example_prompt
-from slm_agent.train.dataset import Example
-from slm_agent.train.metrics import TaskMetrics, aggregate
+from slm_agent.train.data.chat import example_prompt
+from slm_agent.train.data.dataset import Example
+from slm_agent.train.evaluation.metrics import TaskMetrics, aggregate
 from slm_agent.train.report import markdown_table, plot_metrics
 
 CandidateKind = Literal["base", "adapter", "published", "other_base", "remote"]

@@ -17,8 +17,8 @@ from pydantic import BaseModel
 
 from slm_agent.contracts.schemas import schema_error
 from slm_agent.contracts.tasks import Task
-from slm_agent.train.collected import CollectedTrace
-from slm_agent.train.contract import tool_call_answer
+from slm_agent.train.data.collected import CollectedTrace
+from slm_agent.train.data.contract import tool_call_answer
 
 Source = Literal["correction", "remote", "local_positive"]
 SOURCES: tuple[Source, ...] = ("correction", "remote", "local_positive")

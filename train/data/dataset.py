@@ -2,7 +2,7 @@
 
 Writes ``train/val/test.parquet`` and a dataset card (markdown + JSON) into the task's
 workspace. The split depends only on each input, so an example held out once stays held out.
-A chat-shaped task's input is the agent's whole request (``train.chat``); its dedup and split are
+A chat-shaped task's input is the agent's whole request (``train.data.chat``); its dedup and split are
 keyed on the request's variable content, since every call repeats the same system prompt and tools.
 """
 
@@ -27,19 +27,21 @@ from slm_agent.contracts.tasks import Task
 from slm_agent.errors import BadRequestError, NotFoundError
 from slm_agent.models.manifest import PromptFormat
 from slm_agent.privacy.scrub import Sanitizer
-from slm_agent.train.chat import ChatInput, example_prompt
-from slm_agent.train.collected import CollectedTrace
-from slm_agent.train.dedup import Split, near_duplicate_groups, stable_split
-from slm_agent.train.labels import SOURCES, Labeled, Unusable, canonical, given_answer, label_trace
+from slm_agent.train.data.chat import ChatInput, example_prompt
+from slm_agent.train.data.collected import CollectedTrace
+from slm_agent.train.data.dedup import Split, near_duplicate_groups, stable_split
+from slm_agent.train.data.labels import SOURCES, Labeled, Unusable, canonical, given_answer, label_trace
+from slm_agent.train.data.tokenizer import ServingTokenizer, answer_text
 from slm_agent.train.report import markdown_table, write_report
-from slm_agent.train.tokenizer import ServingTokenizer, answer_text
 
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
 
 
 class Example(BaseModel):
     id: str = Field(description="The trace this example came from.")
-    input: str = Field(description="The task input; for a chat-shaped task the request as JSON (train.chat).")
+    input: str = Field(
+        description="The task input; for a chat-shaped task the request as JSON (train.data.chat)."
+    )
     tools: list[dict[str, Any]] | None = None
     label: str
     source: str
