@@ -299,9 +299,14 @@ def test_shadow_work_never_takes_a_live_request_s_queue_place(model_path: Path) 
     engine.load()
     try:
         shadow = [
-            request(prefix=f"Story {i}: once upon a time", max_tokens=40, background=True) for i in range(2)
+            request(prefix=f"Story {i}: once upon a time", max_tokens=120, background=True) for i in range(2)
         ]
-        futures = [engine.submit(engine.prepare(r)) for r in shadow]  # one running, one waiting
+        futures = [engine.submit(engine.prepare(shadow[0]))]
+        deadline = time.monotonic() + 60
+        while engine.running < 1:  # admitted: the next one waits in the queue
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        futures.append(engine.submit(engine.prepare(shadow[1])))
         with pytest.raises(QueueFullError):
             engine.submit(engine.prepare(request(prefix="Story 3:", max_tokens=4, background=True)))
         live = engine.generate(engine.prepare(request(prefix="Q: What is 2 + 2?\nA:", max_tokens=3)))
